@@ -1,1 +1,36 @@
+"""The farscope client: RemoteModel, tracing and proxies. Imports nothing of the server."""
 
+from farscope.interventions.errors import (
+    AuthError,
+    CancelledError,
+    FarscopeError,
+    LimitError,
+    ModelNotFoundError,
+    RemoteError,
+    TraceError,
+    TransportError,
+    ValidationError,
+    VersionError,
+)
+
+from .envoy import Envoy
+from .model import RemoteModel
+from .proxy import Proxy
+from .tracing import Tracer
+
+__all__ = [
+    "RemoteModel",
+    "Envoy",
+    "Proxy",
+    "Tracer",
+    "FarscopeError",
+    "TraceError",
+    "ValidationError",
+    "VersionError",
+    "ModelNotFoundError",
+    "RemoteError",
+    "AuthError",
+    "LimitError",
+    "CancelledError",
+    "TransportError",
+]

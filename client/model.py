@@ -1,0 +1,103 @@
+"""`RemoteModel`: a model served by a farscope server, used as if it were local."""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+from typing import Any
+
+from .envoy import Envoy, build_tree
+from .tokenizer import load_tokenizer
+from .tracing import Tracer
+from .transport import Transport
+
+__all__ = ["RemoteModel", "DEFAULT_ADDRESS"]
+
+DEFAULT_ADDRESS = "localhost:50051"
+
+
+class RemoteModel:
+    """A handle on model `name` at `address` (default: $FARSCOPE_ADDRESS, else localhost:50051).
+
+    Attribute access walks the module tree (`model.model.layers[5].mlp`); `trace(...)` records
+    interventions that run on the server when the block exits.
+    """
+
+    def __init__(self, name: str, *, address: str | None = None, api_key: str | None = None,
+                 timeout: float | None = None) -> None:
+        self.name = name
+        self.address = address or os.environ.get("FARSCOPE_ADDRESS") or DEFAULT_ADDRESS
+        self._transport = Transport(self.address, api_key=api_key or os.environ.get("FARSCOPE_API_KEY"),
+                                    timeout=timeout)
+        self._description = self._transport.describe(name)
+        self._root = build_tree(self, [(m.path, m.class_name) for m in self._description.modules])
+        self._tokenizer: Any = None
+        self._config: Any = None
+
+    # -- what the server told us ---------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer, built from the server's files (cached on disk)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(lambda: self._transport.tokenizer_files(self.name),
+                                             self._description.tokenizer_sha256)
+        return self._tokenizer
+
+    @property
+    def config(self) -> SimpleNamespace:
+        if self._config is None:
+            self._config = SimpleNamespace(**json.loads(self._description.config_json))
+        return self._config
+
+    @property
+    def architecture(self) -> str:
+        return self._description.summary.architecture
+
+    def __repr__(self) -> str:
+        return self._description.repr
+
+    # -- tracing -------------------------------------------------------------------------------
+
+    def trace(self, inputs: Any = None) -> Tracer:
+        """`with model.trace(prompt):` records interventions on one forward pass of `prompt`.
+
+        Without an input, batch several with `tracer.invoke(...)`.
+        """
+        return Tracer(self, inputs)
+
+    # -- the module tree -----------------------------------------------------------------------
+
+    @property
+    def output(self) -> Any:
+        return self._root.output
+
+    @output.setter
+    def output(self, value: Any) -> None:
+        self._root.output = value
+
+    @property
+    def input(self) -> Any:
+        return self._root.input
+
+    @property
+    def inputs(self) -> Any:
+        return self._root.inputs
+
+    def modules(self) -> Any:
+        return self._root.modules()
+
+    def __getattr__(self, name: str) -> Envoy:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._root, name)
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def __enter__(self) -> RemoteModel:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,203 @@
+"""Proxies: stand-ins for values that will exist on the server, recording what is done to them.
+
+A `Proxy` wraps one graph node. Operators, tensor methods and `torch.*` functions applied to it record
+new nodes (the operator methods are generated from the op registry's table, as torch.fx does with
+`magic_methods`). What has no deferred meaning (`bool()`, iteration, `len()`) raises `TraceError`.
+After the trace, a saved proxy holds its value and behaves as that value.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from farscope.interventions import ops
+from farscope.interventions.errors import TraceError
+from farscope.interventions.graph import Node, Ref, map_args
+
+if TYPE_CHECKING:
+    from .tracing import Tracer
+
+__all__ = ["Proxy"]
+
+_UNSET = object()
+
+
+class Proxy:
+    """A value inside a trace. `.save()` it to get `.value` after the trace has run."""
+
+    __slots__ = ("_tracer", "_node", "_value")
+
+    def __init__(self, tracer: Tracer, node: Node) -> None:
+        object.__setattr__(self, "_tracer", tracer)
+        object.__setattr__(self, "_node", node)
+        object.__setattr__(self, "_value", _UNSET)
+
+    # -- the public surface --------------------------------------------------------------------
+
+    @property
+    def node(self) -> Node:
+        return self._node
+
+    def save(self) -> Proxy:
+        """Send this value back when the trace runs; returns the proxy itself."""
+        self._tracer.save(self)
+        return self
+
+    @property
+    def value(self) -> Any:
+        """The value computed on the server (only for saved proxies, after the trace)."""
+        if self._value is not _UNSET:
+            return self._value
+        if self._tracer.is_open:
+            raise TraceError(f"%{self._node.id} has no value yet: values arrive when the trace exits")
+        raise TraceError(f"%{self._node.id} ({self._node.op}) was not saved: call .save() on it inside "
+                         "the trace to get its value back")
+
+    def _set_value(self, value: Any) -> None:
+        object.__setattr__(self, "_value", value)
+
+    @property
+    def _resolved(self) -> bool:
+        return self._value is not _UNSET
+
+    # -- recording -----------------------------------------------------------------------------
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if self._resolved or not self._tracer.is_open:
+            return getattr(self.value, name)
+        if f"Tensor.{name}" in ops.REGISTRY:
+            def method(*args: Any, **kwargs: Any) -> Proxy:
+                return self._tracer.record(f"Tensor.{name}", (self, *args), kwargs)
+            return method
+        if name in ops.TENSOR_ATTRIBUTES:
+            return self._tracer.record("getattr", (self, name))
+        return self._tracer.record("field", (self, name))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise TraceError(f"cannot set attribute {name!r} on a proxy")
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if self._resolved:
+            self._value[key] = unwrap(value)
+            return
+        self._tracer.record("setitem", (self, key, value))
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        tracer = _open_tracer((args, kwargs))
+        if tracer is None:  # only values from finished traces: behave as those values
+            return func(*unwrap(args), **unwrap(kwargs))
+        found = ops.op_for_torch_function(func)
+        if found is None:
+            name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+            raise TraceError(f"{name} cannot be applied to a proxy: it is not in farscope's op whitelist")
+        op, swap = found
+        if swap:
+            args = (args[1], args[0], *args[2:])
+        return tracer.record(op, args, kwargs)
+
+    # -- what cannot be recorded ---------------------------------------------------------------
+
+    def __bool__(self) -> bool:
+        if self._resolved:
+            return bool(self._value)
+        raise TraceError("a proxy has no truth value inside a trace (its value exists only on the server); "
+                         "use torch.where or save it and decide after the trace")
+
+    def __iter__(self) -> Any:
+        if self._resolved:
+            return iter(self._value)
+        raise TraceError("cannot iterate over a proxy inside a trace; index it instead (x[0], x[1], ...)")
+
+    def __len__(self) -> int:
+        if self._resolved:
+            return len(self._value)
+        raise TraceError("len() of a proxy is unknown inside a trace; use x.shape[0] (a proxy) instead")
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+    def __int__(self) -> int:
+        return int(self.value)
+
+    def __index__(self) -> int:
+        return operator.index(self.value)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> Any:
+        array = torch.as_tensor(self.value).numpy()
+        return array if dtype is None else array.astype(dtype)
+
+    def __repr__(self) -> str:
+        if self._resolved:
+            return repr(self._value)
+        return f"<Proxy {self._node}>"
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec) if self._resolved else repr(self)
+
+    __hash__ = object.__hash__
+
+
+def unwrap(value: Any) -> Any:
+    """Proxies of finished traces replaced by their values (nested)."""
+    return map_args(value, lambda v: v.value if isinstance(v, Proxy) else v)
+
+
+def to_argument(value: Any, tracer: Tracer) -> Any:
+    """A recorded argument: proxies of this trace become `Ref`s; finished ones become their values."""
+    def convert(v: Any) -> Any:
+        if isinstance(v, Proxy):
+            if v._tracer is tracer or (v._tracer.session is not None and v._tracer.session is tracer.session):
+                return Ref(v._node.id)
+            if v._resolved:
+                return v._value
+            raise TraceError(f"%{v._node.id} belongs to another trace and was not saved there")
+        if isinstance(v, torch.nn.Parameter):
+            return v.detach()
+        return v
+    return map_args(value, convert)
+
+
+def _open_tracer(value: Any) -> Tracer | None:
+    found: list[Tracer] = []
+
+    def visit(v: Any) -> Any:
+        if isinstance(v, Proxy) and v._tracer.is_open and not found:
+            found.append(v._tracer)
+        return v
+    map_args(value, visit)
+    return found[0] if found else None
+
+
+def _binary(op: str, fn: Any, reflected: bool) -> Any:
+    def method(self: Proxy, other: Any) -> Any:
+        if self._resolved or not self._tracer.is_open:
+            return fn(other, self.value) if reflected else fn(self.value, unwrap(other))
+        args = (other, self) if reflected else (self, other)
+        return self._tracer.record(op, args)
+    return method
+
+
+def _unary(op: str, fn: Any) -> Any:
+    def method(self: Proxy) -> Any:
+        if self._resolved or not self._tracer.is_open:
+            return fn(self.value)
+        return self._tracer.record(op, (self,))
+    return method
+
+
+for _op, (_dunder, _rdunder) in ops.OPERATOR_DUNDERS.items():
+    _spec = ops.REGISTRY[_op]
+    if _op == "setitem":
+        continue
+    if _spec.min_args == 1:
+        setattr(Proxy, _dunder, _unary(_op, _spec.fn))
+    else:
+        setattr(Proxy, _dunder, _binary(_op, _spec.fn, reflected=False))
+        if _rdunder:
+            setattr(Proxy, _rdunder, _binary(_op, _spec.fn, reflected=True))

@@ -1,0 +1,240 @@
+"""The wire codec: msgpack documents whose typed values travel as msgpack extension types.
+
+Requests carry their tensors inline (dtype + shape + raw little-endian bytes). Results put each
+tensor's bytes in a separate *blob*, so the server can stream a large value in chunks without copying
+it into one message, and the client can assemble it in place. Nothing here ever unpickles or imports
+anything: a document can only ever decode into the types listed below.
+
+Extension codes (payloads are msgpack themselves):
+
+    1 Ref        int node id
+    2 Tensor     [dtype, shape, bytes]          (inline)
+    3 slice      [start, stop, step]
+    4 Ellipsis   empty
+    5 dtype      name, e.g. "float32"
+    6 tuple      list
+    7 HookPoint  [module path, point]
+    8 Blob       [dtype, shape, blob index]     (results: bytes in blob `index`)
+    9 Size       list of ints (torch.Size)
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import torch
+
+from .errors import ValidationError
+from .graph import HookPoint, Ref
+
+__all__ = [
+    "DTYPES",
+    "encode",
+    "decode",
+    "encode_results",
+    "decode_results",
+    "tensor_bytes",
+    "tensor_from_bytes",
+    "MAX_DEPTH",
+]
+
+_REF, _TENSOR, _SLICE, _ELLIPSIS, _DTYPE, _TUPLE, _HOOK, _BLOB, _SIZE = range(1, 10)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+    "complex64": torch.complex64,
+}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+# Deeper than any real argument; shallow enough that hostile nesting cannot exhaust the stack.
+MAX_DEPTH = 48
+
+if sys.byteorder != "little":  # the wire is little-endian and tensors are sent as their memory
+    raise ImportError("farscope's codec supports little-endian machines only")
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's elements as raw little-endian bytes (no copy when already contiguous on CPU)."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def tensor_from_bytes(dtype_name: Any, shape: Any, data: bytes | bytearray | memoryview) -> torch.Tensor:
+    """A tensor from its wire form, refusing any disagreement between dtype, shape and byte count."""
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        raise ValidationError(f"unknown tensor dtype {dtype_name!r}; accepted: {', '.join(DTYPES)}")
+    if not isinstance(shape, (list, tuple)) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
+    ):
+        raise ValidationError(f"tensor shape must be a list of non-negative ints, got {shape!r}")
+    if len(shape) > 16:
+        raise ValidationError(f"tensor has {len(shape)} dimensions; at most 16 are accepted")
+    dtype = DTYPES[dtype_name]
+    numel = math.prod(shape)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if numel * itemsize != len(data):
+        raise ValidationError(
+            f"tensor of shape {list(shape)} and dtype {dtype_name} needs {numel * itemsize} bytes, "
+            f"got {len(data)}"
+        )
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    buffer = data if isinstance(data, bytearray) else bytearray(data)
+    return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+@dataclass
+class _Blob:
+    dtype: str
+    shape: list[int]
+    index: int
+
+
+class _Encoder:
+    def __init__(self, blobs: list[memoryview] | None) -> None:
+        self.blobs = blobs  # None: tensors inline
+
+    def default(self, obj: Any) -> msgpack.ExtType:
+        pack = self.pack
+        if isinstance(obj, Ref):
+            return msgpack.ExtType(_REF, pack(obj.id))
+        if isinstance(obj, torch.Tensor):
+            if obj.dtype not in _DTYPE_NAMES:
+                raise TypeError(f"tensors of dtype {obj.dtype} cannot be sent")
+            if obj.is_sparse or obj.layout != torch.strided:
+                obj = obj.to_dense()
+            meta = [_DTYPE_NAMES[obj.dtype], list(obj.shape)]
+            if self.blobs is None:
+                return msgpack.ExtType(_TENSOR, pack([*meta, bytes(tensor_bytes(obj))]))
+            self.blobs.append(tensor_bytes(obj))
+            return msgpack.ExtType(_BLOB, pack([*meta, len(self.blobs) - 1]))
+        if isinstance(obj, torch.Size):
+            return msgpack.ExtType(_SIZE, pack(list(obj)))
+        if isinstance(obj, tuple):
+            return msgpack.ExtType(_TUPLE, pack(list(obj)))
+        if isinstance(obj, slice):
+            return msgpack.ExtType(_SLICE, pack([obj.start, obj.stop, obj.step]))
+        if obj is Ellipsis:
+            return msgpack.ExtType(_ELLIPSIS, b"")
+        if isinstance(obj, torch.dtype):
+            if obj not in _DTYPE_NAMES:
+                raise TypeError(f"dtype {obj} cannot be sent")
+            return msgpack.ExtType(_DTYPE, pack(_DTYPE_NAMES[obj]))
+        if isinstance(obj, HookPoint):
+            return msgpack.ExtType(_HOOK, pack([obj.module, obj.point]))
+        if isinstance(obj, dict):  # dict subclasses, e.g. transformers' ModelOutput
+            return dict(obj)
+        if isinstance(obj, list):
+            return list(obj)
+        for kind in (bool, int, float, str, bytes):  # subclasses of builtins (IntEnum, ...)
+            if isinstance(obj, kind):
+                return kind(obj)
+        raise TypeError(f"a value of type {type(obj).__name__} cannot be sent")
+
+    def pack(self, obj: Any) -> bytes:
+        # strict_types: tuples must reach `default` (they are not lists on the wire).
+        return msgpack.packb(obj, default=self.default, strict_types=True, use_bin_type=True)
+
+
+class _Decoder:
+    def __init__(self, blobs: list[Any] | None) -> None:
+        self.blobs = blobs
+        self.depth = 0
+
+    def unpack(self, data: bytes) -> Any:
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise ValidationError(f"document nests deeper than {MAX_DEPTH} levels")
+            return msgpack.unpackb(
+                data,
+                ext_hook=self.ext_hook,
+                raw=False,
+                strict_map_key=self.blobs is None,  # results are keyed by node id
+                use_list=True,
+            )
+        finally:
+            self.depth -= 1
+
+    def ext_hook(self, code: int, data: bytes) -> Any:
+        if code == _ELLIPSIS:
+            return Ellipsis
+        payload = self.unpack(data)
+        if code == _REF:
+            if not isinstance(payload, int) or isinstance(payload, bool) or payload < 0:
+                raise ValidationError(f"node reference must be a non-negative int, got {payload!r}")
+            return Ref(payload)
+        if code == _TENSOR:
+            if not isinstance(payload, list) or len(payload) != 3 or not isinstance(payload[2], bytes):
+                raise ValidationError("tensor must be [dtype, shape, bytes]")
+            return tensor_from_bytes(*payload)
+        if code == _BLOB:
+            if self.blobs is None:
+                raise ValidationError("blob references are only valid in results")
+            if not isinstance(payload, list) or len(payload) != 3:
+                raise ValidationError("blob must be [dtype, shape, index]")
+            dtype, shape, index = payload
+            if not isinstance(index, int) or not 0 <= index < len(self.blobs):
+                raise ValidationError(f"blob index {index!r} out of range")
+            return tensor_from_bytes(dtype, shape, self.blobs[index])
+        if code == _SLICE:
+            if not isinstance(payload, list) or len(payload) != 3:
+                raise ValidationError("slice must be [start, stop, step]")
+            return slice(*payload)
+        if code == _TUPLE:
+            if not isinstance(payload, list):
+                raise ValidationError("tuple must be a list")
+            return tuple(payload)
+        if code == _SIZE:
+            if not isinstance(payload, list) or not all(isinstance(s, int) for s in payload):
+                raise ValidationError("size must be a list of ints")
+            return torch.Size(payload)
+        if code == _DTYPE:
+            if payload not in DTYPES:
+                raise ValidationError(f"unknown dtype {payload!r}; accepted: {', '.join(DTYPES)}")
+            return DTYPES[payload]
+        if code == _HOOK:
+            if not (isinstance(payload, list) and len(payload) == 2 and all(isinstance(p, str) for p in payload)):
+                raise ValidationError("hook point must be [module path, point]")
+            return HookPoint(payload[0], payload[1])
+        raise ValidationError(f"unknown extension type {code}")
+
+
+def encode(obj: Any) -> bytes:
+    """A msgpack document with tensors inline (requests)."""
+    return _Encoder(None).pack(obj)
+
+
+def decode(data: bytes) -> Any:
+    """Decode a request document; any malformation raises `ValidationError`, never anything else."""
+    try:
+        return _Decoder(None).unpack(data)
+    except ValidationError:
+        raise
+    except RecursionError:
+        raise ValidationError("document nests too deeply") from None
+    except Exception as e:  # msgpack raises a zoo of types for bad bytes
+        raise ValidationError(f"malformed request document: {type(e).__name__}: {e}") from None
+
+
+def encode_results(obj: Any) -> tuple[bytes, list[memoryview]]:
+    """A results document plus the raw bytes of each tensor in it, to be streamed in chunks."""
+    blobs: list[memoryview] = []
+    return _Encoder(blobs).pack(obj), blobs
+
+
+def decode_results(document: bytes, blobs: list[bytearray]) -> Any:
+    return _Decoder(blobs).unpack(document)

@@ -1,0 +1,134 @@
+"""The one exception tree of farscope, shared by client and server.
+
+    FarscopeError                  base: catch this to catch everything farscope raises
+    ├── TraceError                 client side: something cannot be recorded (bool() of a proxy, ...)
+    ├── ValidationError            the request was rejected before it touched a model
+    │   └── VersionError           the server cannot read this client's graph IR / protocol version
+    ├── ModelNotFoundError         no model of that name is served
+    ├── RemoteError                the graph failed while it ran on the server (shape errors, ...)
+    ├── AuthError                  missing or wrong credentials, or not allowed to use that model
+    ├── LimitError                 a size, rate or time limit was exceeded
+    ├── CancelledError             the job was cancelled
+    └── TransportError             the server could not be reached or the connection broke
+
+Each error carries what is known of its context: the job id, the node (`%5 = add(%3, %4)`) and the
+user's line that recorded it. `STATUS_OF` is the one table mapping classes to gRPC status names; the
+server aborts with it and the client maps back in one place (`farscope.client.transport`).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FarscopeError",
+    "TraceError",
+    "ValidationError",
+    "VersionError",
+    "ModelNotFoundError",
+    "RemoteError",
+    "AuthError",
+    "LimitError",
+    "CancelledError",
+    "TransportError",
+    "STATUS_OF",
+    "ERROR_CLASSES",
+]
+
+
+class FarscopeError(Exception):
+    """Base of every farscope error.
+
+    `node` is the graph node's printed form and `where` the user's `file:line` that recorded it,
+    when the error concerns one node; `job_id` names the server job when there was one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        node: str | None = None,
+        node_id: int | None = None,
+        where: str | None = None,
+        job_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.node = node
+        self.node_id = node_id
+        self.where = where
+        self.job_id = job_id
+
+    def __str__(self) -> str:
+        parts = [self.message]
+        if self.node:
+            parts.append(f"  while executing: {self.node}")
+        if self.where:
+            parts.append(f"  recorded at: {self.where}")
+        if self.job_id:
+            parts.append(f"  job: {self.job_id}")
+        return "\n".join(parts)
+
+
+class TraceError(FarscopeError):
+    """Raised on the client while recording: the operation has no deferred meaning."""
+
+
+class ValidationError(FarscopeError):
+    """The request was malformed or broke a rule; nothing ran."""
+
+
+class VersionError(ValidationError):
+    """Client and server speak different graph IR or protocol versions."""
+
+
+class ModelNotFoundError(FarscopeError):
+    """The server serves no model of that name."""
+
+
+class RemoteError(FarscopeError):
+    """A node raised while the graph ran on the server."""
+
+
+class AuthError(FarscopeError):
+    """Credentials were missing or wrong, or do not allow this model."""
+
+
+class LimitError(FarscopeError):
+    """A request, rate or time limit was exceeded."""
+
+
+class CancelledError(FarscopeError):
+    """The job was cancelled before it finished."""
+
+
+class TransportError(FarscopeError):
+    """The server could not be reached, or the connection broke."""
+
+
+# Class -> gRPC status code name (names, so this module needs no grpc import).
+STATUS_OF: dict[type[FarscopeError], str] = {
+    ValidationError: "INVALID_ARGUMENT",
+    VersionError: "FAILED_PRECONDITION",
+    ModelNotFoundError: "NOT_FOUND",
+    RemoteError: "ABORTED",
+    AuthError: "UNAUTHENTICATED",
+    LimitError: "RESOURCE_EXHAUSTED",
+    CancelledError: "CANCELLED",
+    TransportError: "UNAVAILABLE",
+    FarscopeError: "INTERNAL",
+}
+
+ERROR_CLASSES: dict[str, type[FarscopeError]] = {
+    cls.__name__: cls
+    for cls in (
+        FarscopeError,
+        TraceError,
+        ValidationError,
+        VersionError,
+        ModelNotFoundError,
+        RemoteError,
+        AuthError,
+        LimitError,
+        CancelledError,
+        TransportError,
+    )
+}

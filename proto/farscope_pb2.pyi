@@ -1,0 +1,147 @@
+from collections.abc import Iterable as _Iterable
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar
+
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelSummary(_message.Message):
+    __slots__ = ("name", "architecture", "num_parameters", "dtype")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    architecture: str
+    num_parameters: int
+    dtype: str
+    def __init__(self, name: str | None = ..., architecture: str | None = ..., num_parameters: int | None = ..., dtype: str | None = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models", "server_version", "ir_versions")
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    IR_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelSummary]
+    server_version: str
+    ir_versions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, models: _Iterable[ModelSummary | _Mapping] | None = ..., server_version: str | None = ..., ir_versions: _Iterable[int] | None = ...) -> None: ...
+
+class DescribeModelRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: str | None = ...) -> None: ...
+
+class ModuleInfo(_message.Message):
+    __slots__ = ("path", "class_name")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    class_name: str
+    def __init__(self, path: str | None = ..., class_name: str | None = ...) -> None: ...
+
+class ModelDescription(_message.Message):
+    __slots__ = ("summary", "modules", "repr", "config_json", "tokenizer_sha256")
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    MODULES_FIELD_NUMBER: _ClassVar[int]
+    REPR_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_SHA256_FIELD_NUMBER: _ClassVar[int]
+    summary: ModelSummary
+    modules: _containers.RepeatedCompositeFieldContainer[ModuleInfo]
+    repr: str
+    config_json: str
+    tokenizer_sha256: str
+    def __init__(self, summary: ModelSummary | _Mapping | None = ..., modules: _Iterable[ModuleInfo | _Mapping] | None = ..., repr: str | None = ..., config_json: str | None = ..., tokenizer_sha256: str | None = ...) -> None: ...
+
+class FileChunk(_message.Message):
+    __slots__ = ("name", "offset", "data", "size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    offset: int
+    data: bytes
+    size: int
+    def __init__(self, name: str | None = ..., offset: int | None = ..., data: bytes | None = ..., size: int | None = ...) -> None: ...
+
+class RequestHeader(_message.Message):
+    __slots__ = ("model", "client_version", "ir_version", "graph_bytes")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    IR_VERSION_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_BYTES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    client_version: str
+    ir_version: int
+    graph_bytes: int
+    def __init__(self, model: str | None = ..., client_version: str | None = ..., ir_version: int | None = ..., graph_bytes: int | None = ...) -> None: ...
+
+class ExecuteRequest(_message.Message):
+    __slots__ = ("header", "graph_chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: RequestHeader
+    graph_chunk: bytes
+    def __init__(self, header: RequestHeader | _Mapping | None = ..., graph_chunk: bytes | None = ...) -> None: ...
+
+class Queued(_message.Message):
+    __slots__ = ("job_id", "position")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    position: int
+    def __init__(self, job_id: str | None = ..., position: int | None = ...) -> None: ...
+
+class Running(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: str | None = ...) -> None: ...
+
+class ResultHeader(_message.Message):
+    __slots__ = ("blob_sizes",)
+    BLOB_SIZES_FIELD_NUMBER: _ClassVar[int]
+    blob_sizes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, blob_sizes: _Iterable[int] | None = ...) -> None: ...
+
+class ResultChunk(_message.Message):
+    __slots__ = ("blob", "offset", "data")
+    BLOB_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    blob: int
+    offset: int
+    data: bytes
+    def __init__(self, blob: int | None = ..., offset: int | None = ..., data: bytes | None = ...) -> None: ...
+
+class Done(_message.Message):
+    __slots__ = ("job_id", "run_seconds")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    run_seconds: float
+    def __init__(self, job_id: str | None = ..., run_seconds: float | None = ...) -> None: ...
+
+class ExecuteEvent(_message.Message):
+    __slots__ = ("queued", "running", "result", "chunk", "done")
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    queued: Queued
+    running: Running
+    result: ResultHeader
+    chunk: ResultChunk
+    done: Done
+    def __init__(self, queued: Queued | _Mapping | None = ..., running: Running | _Mapping | None = ..., result: ResultHeader | _Mapping | None = ..., chunk: ResultChunk | _Mapping | None = ..., done: Done | _Mapping | None = ...) -> None: ...

@@ -1,0 +1,58 @@
+"""Turning each invoke's input (text or token ids) into one left-padded batch."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from farscope.interventions.errors import ValidationError
+from torch import nn
+
+from .executor import Batch
+
+__all__ = ["build_batch"]
+
+
+def _rows_of(tokenizer: Any, value: Any) -> list[list[int]]:
+    if isinstance(value, str):
+        return [tokenizer(value)["input_ids"]]
+    if isinstance(value, torch.Tensor):
+        return [value.tolist()] if value.dim() == 1 else value.tolist()
+    if isinstance(value, list) and value and isinstance(value[0], str):
+        return [tokenizer(v)["input_ids"] for v in value]
+    if isinstance(value, list) and value and isinstance(value[0], int):
+        return [list(value)]
+    return [list(v) for v in value]
+
+
+def build_batch(model: nn.Module, tokenizer: Any, invokes: list[Any]) -> Batch:
+    """Tokenize every invoke, left-pad to one length, and record which rows each invoke owns.
+
+    Left padding keeps every prompt's last token at position -1, as NNsight does. With padding, the
+    attention mask hides the pads and explicit position ids start each row at 0, so a padded row
+    computes what it would alone. Without padding only `input_ids` is passed: exactly a plain call.
+    """
+    rows: list[tuple[int, int]] = []
+    sequences: list[list[int]] = []
+    vocab = model.get_input_embeddings().num_embeddings
+    for index, value in enumerate(invokes):
+        seqs = _rows_of(tokenizer, value)
+        for seq in seqs:
+            if not seq:
+                raise ValidationError(f"input of invoke {index} is empty")
+            if min(seq) < 0 or max(seq) >= vocab:
+                raise ValidationError(f"input of invoke {index} has token ids outside [0, {vocab})")
+        rows.append((len(sequences), len(sequences) + len(seqs)))
+        sequences.extend(seqs)
+    length = max(len(s) for s in sequences)
+    device = model.get_input_embeddings().weight.device
+    if all(len(s) == length for s in sequences):
+        return Batch({"input_ids": torch.tensor(sequences, device=device)}, rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (length - len(s)) + s for s in sequences], device=device)
+    mask = torch.tensor([[0] * (length - len(s)) + [1] * len(s) for s in sequences], device=device)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    return Batch(inputs, rows)

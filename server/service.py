@@ -1,0 +1,218 @@
+"""The gRPC servicer: proto messages in, domain objects to the scheduler, results streamed back.
+
+`serve()` only wires the grpc server, the servicer, health and the port, as in grpc's route_guide.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from farscope.interventions import codec
+from farscope.interventions.errors import (
+    STATUS_OF,
+    FarscopeError,
+    LimitError,
+    ModelNotFoundError,
+    ValidationError,
+    VersionError,
+)
+from farscope.interventions.validate import SUPPORTED_IR_VERSIONS, GraphLimits, validate
+from farscope.proto import farscope_pb2 as pb
+from farscope.proto import farscope_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from .replica import Replica, Results
+from .scheduler import Job, Scheduler
+
+__all__ = ["FarscopeServicer", "Server", "start_server", "CHUNK_BYTES", "SERVICE_NAME"]
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20  # every streamed message stays far below gRPC's 4 MiB default
+SERVICE_NAME = "farscope.v1.Farscope"
+SERVER_VERSION = "0.1.0"
+
+
+def _status(error: FarscopeError) -> grpc.StatusCode:
+    for cls in type(error).__mro__:
+        if cls in STATUS_OF:
+            return grpc.StatusCode[STATUS_OF[cls]]
+    return grpc.StatusCode.INTERNAL
+
+
+def _abort(context: grpc.ServicerContext, error: FarscopeError) -> None:
+    metadata = [("farscope-error", type(error).__name__)]
+    if error.node_id is not None:
+        metadata.append(("farscope-node", str(error.node_id)))
+    if error.job_id:
+        metadata.append(("farscope-job", error.job_id))
+    context.set_trailing_metadata(metadata)
+    context.abort(_status(error), error.message)
+
+
+class FarscopeServicer(pb_grpc.FarscopeServicer):
+    def __init__(self, replicas: dict[str, Replica]) -> None:
+        self.replicas = replicas
+        self.schedulers = {name: Scheduler(name, self._runner(r)) for name, r in replicas.items()}
+
+    def close(self) -> None:
+        for scheduler in self.schedulers.values():
+            scheduler.close()
+
+    @staticmethod
+    def _runner(replica: Replica):  # noqa: ANN205
+        def run(job: Job) -> Results:
+            def check_cancelled() -> None:
+                if job.cancelled.is_set():
+                    raise FarscopeError("cancelled")
+            return replica.execute(job.payload, check_cancelled=check_cancelled)
+        return run
+
+    def _replica(self, name: str) -> Replica:
+        try:
+            return self.replicas[name]
+        except KeyError:
+            raise ModelNotFoundError(
+                f"no model named {name!r} is served here; served: {', '.join(sorted(self.replicas))}"
+            ) from None
+
+    def _summary(self, replica: Replica) -> pb.ModelSummary:
+        return pb.ModelSummary(name=replica.name, architecture=replica.architecture,
+                               num_parameters=replica.num_parameters, dtype=replica.dtype)
+
+    # -- RPCs ----------------------------------------------------------------------------------
+
+    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[self._summary(r) for r in self.replicas.values()],
+                                     server_version=SERVER_VERSION, ir_versions=SUPPORTED_IR_VERSIONS)
+
+    def DescribeModel(self, request: pb.DescribeModelRequest, context: grpc.ServicerContext) -> pb.ModelDescription:
+        try:
+            replica = self._replica(request.name)
+        except FarscopeError as e:
+            _abort(context, e)
+        return pb.ModelDescription(
+            summary=self._summary(replica),
+            modules=[pb.ModuleInfo(path=p, class_name=c) for p, c in replica.modules],
+            repr=repr(replica.model),
+            config_json=replica.config_json(),
+            tokenizer_sha256=replica.tokenizer_sha256,
+        )
+
+    def GetTokenizer(self, request: pb.DescribeModelRequest, context: grpc.ServicerContext) -> Iterator[pb.FileChunk]:
+        try:
+            replica = self._replica(request.name)
+        except FarscopeError as e:
+            _abort(context, e)
+        for name, data in sorted(replica.loaded.tokenizer_files.items()):
+            for offset in range(0, max(len(data), 1), CHUNK_BYTES):
+                yield pb.FileChunk(name=name, offset=offset, data=data[offset:offset + CHUNK_BYTES],
+                                   size=len(data))
+
+    def Execute(
+        self, request_iterator: Iterable[pb.ExecuteRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.ExecuteEvent]:
+        try:
+            replica, graph = self._receive(request_iterator)
+        except FarscopeError as e:
+            log.info("request rejected: %s", e.message)
+            _abort(context, e)
+        job = Job(model=replica.name, payload=graph)
+        context.add_callback(job.cancelled.set)  # a vanished client cancels its queued job
+        self.schedulers[replica.name].submit(job)
+        for event in job.events():
+            if event.kind == "queued":
+                yield pb.ExecuteEvent(queued=pb.Queued(job_id=job.id, position=event.position))
+            elif event.kind == "running":
+                yield pb.ExecuteEvent(running=pb.Running(job_id=job.id))
+            elif event.kind == "error":
+                error = event.error
+                if not isinstance(error, FarscopeError):
+                    log.exception("job %s: internal error", job.id, exc_info=error)
+                    error = FarscopeError(f"internal server error: {type(error).__name__}: {error}")
+                error.job_id = job.id
+                _abort(context, error)
+            else:
+                yield from _stream_results(event.result)
+                yield pb.ExecuteEvent(done=pb.Done(job_id=job.id, run_seconds=event.result.run_seconds))
+
+    def _receive(self, request_iterator: Iterable[pb.ExecuteRequest]) -> tuple[Replica, object]:
+        requests = iter(request_iterator)
+        first = next(requests, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise ValidationError("an Execute call must start with a RequestHeader")
+        header = first.header
+        replica = self._replica(header.model)
+        if header.ir_version not in SUPPORTED_IR_VERSIONS:
+            raise VersionError(
+                f"this server (farscope {SERVER_VERSION}) accepts graph IR version(s) "
+                f"{', '.join(map(str, SUPPORTED_IR_VERSIONS))}; the client (farscope "
+                f"{header.client_version or '?'}) sent version {header.ir_version}. Install a farscope "
+                "client that matches this server."
+            )
+        limit = replica.limits.max_request_bytes
+        if header.graph_bytes > limit:
+            raise LimitError(f"request of {header.graph_bytes} bytes exceeds max_request_bytes={limit}")
+        parts: list[bytes] = []
+        size = 0
+        for message in requests:
+            if message.WhichOneof("part") != "graph_chunk":
+                raise ValidationError("after the header, an Execute call may only send graph chunks")
+            size += len(message.graph_chunk)
+            if size > limit:
+                raise LimitError(f"request exceeds max_request_bytes={limit}")
+            parts.append(message.graph_chunk)
+        if size != header.graph_bytes:
+            raise ValidationError(f"the header announced {header.graph_bytes} graph bytes, {size} arrived")
+        document = codec.decode(b"".join(parts))
+        limits = GraphLimits(max_nodes=replica.limits.max_nodes)
+        return replica, validate(document, module_paths=replica.module_paths, limits=limits)
+
+
+def _stream_results(results: Results) -> Iterator[pb.ExecuteEvent]:
+    blobs = [memoryview(results.document), *results.blobs]
+    yield pb.ExecuteEvent(result=pb.ResultHeader(blob_sizes=[b.nbytes for b in blobs]))
+    for index, blob in enumerate(blobs):
+        for offset in range(0, blob.nbytes, CHUNK_BYTES):
+            chunk = blob[offset:offset + CHUNK_BYTES].tobytes()
+            yield pb.ExecuteEvent(chunk=pb.ResultChunk(blob=index, offset=offset, data=chunk))
+
+
+@dataclass
+class Server:
+    """A running farscope gRPC server: its port, health servicer and how to stop it."""
+
+    grpc_server: grpc.Server
+    servicer: FarscopeServicer
+    health: health.HealthServicer
+    port: int
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.grpc_server.stop(grace).wait()
+        self.servicer.close()
+
+
+def start_server(replicas: dict[str, Replica], *, host: str = "127.0.0.1", port: int = 0,
+                 max_workers: int = 32) -> Server:
+    """Start serving `replicas` on host:port (0 picks a free port); SERVING once it returns."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="farscope-rpc"),
+        options=[("grpc.max_receive_message_length", 8 * CHUNK_BYTES),
+                 ("grpc.max_send_message_length", 8 * CHUNK_BYTES)],
+    )
+    servicer = FarscopeServicer(replicas)
+    pb_grpc.add_FarscopeServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind {host}:{port}")
+    server.start()
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return Server(server, servicer, health_servicer, bound)
