@@ -16,6 +16,7 @@ Extension codes (payloads are msgpack themselves):
     7 HookPoint  [module path, point]
     8 Blob       [dtype, shape, blob index]     (results: bytes in blob `index`)
     9 Size       list of ints (torch.Size)
+   10 named      [name, list]: a torch.return_types tuple (topk, max, sort, ...), so `.indices` works
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ __all__ = [
     "MAX_DEPTH",
 ]
 
-_REF, _TENSOR, _SLICE, _ELLIPSIS, _DTYPE, _TUPLE, _HOOK, _BLOB, _SIZE = range(1, 10)
+_REF, _TENSOR, _SLICE, _ELLIPSIS, _DTYPE, _TUPLE, _HOOK, _BLOB, _SIZE, _NAMED = range(1, 11)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -58,6 +59,13 @@ DTYPES: dict[str, torch.dtype] = {
     "complex64": torch.complex64,
 }
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+# torch's named results (values, indices) that may travel; looked up by name, never imported.
+_RETURN_TYPES = {
+    name: getattr(torch.return_types, name)
+    for name in ("topk", "max", "min", "sort", "kthvalue", "mode", "median", "aminmax", "cummax", "cummin")
+    if hasattr(torch.return_types, name)
+}
 
 # Deeper than any real argument; shallow enough that hostile nesting cannot exhaust the stack.
 MAX_DEPTH = 48
@@ -124,6 +132,9 @@ class _Encoder:
         if isinstance(obj, torch.Size):
             return msgpack.ExtType(_SIZE, pack(list(obj)))
         if isinstance(obj, tuple):
+            name = type(obj).__name__
+            if type(obj).__module__ == "torch.return_types" and name in _RETURN_TYPES:
+                return msgpack.ExtType(_NAMED, pack([name, list(obj)]))
             return msgpack.ExtType(_TUPLE, pack(list(obj)))
         if isinstance(obj, slice):
             return msgpack.ExtType(_SLICE, pack([obj.start, obj.stop, obj.step]))
@@ -198,6 +209,11 @@ class _Decoder:
             if not isinstance(payload, list):
                 raise ValidationError("tuple must be a list")
             return tuple(payload)
+        if code == _NAMED:
+            if not (isinstance(payload, list) and len(payload) == 2 and payload[0] in _RETURN_TYPES
+                    and isinstance(payload[1], list)):
+                raise ValidationError("named tuple must be [torch.return_types name, list]")
+            return _RETURN_TYPES[payload[0]](payload[1])
         if code == _SIZE:
             if not isinstance(payload, list) or not all(isinstance(s, int) for s in payload):
                 raise ValidationError("size must be a list of ints")
