@@ -23,7 +23,9 @@ def _reference(model, ids, *, read=(), edits=None):
     for path, fn in (edits or {}).items():
         handles.append(modules[path].register_forward_hook(lambda m, a, o, fn=fn: fn(o)))
     for path in read:
-        handles.append(modules[path].register_forward_hook(lambda m, a, o, path=path: reads.__setitem__(path, o.clone())))
+        def keep(module, args, output, path=path):
+            reads[path] = output.clone()
+        handles.append(modules[path].register_forward_hook(keep))
     try:
         with torch.no_grad():
             logits = model(ids).logits
