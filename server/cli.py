@@ -24,13 +24,19 @@ def _serve(args: argparse.Namespace) -> int:
         if not specs:
             print(f"farscope: no model named {args.model!r} is configured", file=sys.stderr)
             return 2
-    replicas = {}
-    for spec in specs:
-        logging.getLogger("farscope").info("loading %s", spec.name)
-        replicas[spec.name] = Replica(load_model(spec))
-    server = start_server(replicas, host=args.host, port=args.port)
+    # Bind first (health says NOT_SERVING), load, then report SERVING.
+    server = start_server({}, host=args.host, port=args.port, serving=False)
+    log = logging.getLogger("farscope")
+    log.info("listening on %s:%d; loading %s", args.host, server.port, ", ".join(s.name for s in specs))
+    try:
+        for spec in specs:
+            server.add(Replica(load_model(spec)))
+    except BaseException:
+        server.stop(grace=0)
+        raise
+    server.set_serving()
     # One parseable line: harnesses (make demo, tests) read the port from it.
-    print(f"farscope: serving {', '.join(replicas)} on {args.host}:{server.port}", flush=True)
+    print(f"farscope: serving {', '.join(s.name for s in specs)} on {args.host}:{server.port}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

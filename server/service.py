@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import grpc
 from farscope.interventions import codec
 from farscope.interventions.errors import (
     STATUS_OF,
+    CancelledError,
     FarscopeError,
     LimitError,
     ModelNotFoundError,
@@ -56,8 +58,15 @@ def _abort(context: grpc.ServicerContext, error: FarscopeError) -> None:
 
 class FarscopeServicer(pb_grpc.FarscopeServicer):
     def __init__(self, replicas: dict[str, Replica]) -> None:
-        self.replicas = replicas
-        self.schedulers = {name: Scheduler(name, self._runner(r)) for name, r in replicas.items()}
+        self.replicas: dict[str, Replica] = {}
+        self.schedulers: dict[str, Scheduler] = {}
+        for replica in replicas.values():
+            self.add(replica)
+
+    def add(self, replica: Replica) -> None:
+        """Serve one more model (a server binds its port first and adds models as they load)."""
+        self.schedulers[replica.name] = Scheduler(replica.name, self._runner(replica))
+        self.replicas[replica.name] = replica
 
     def close(self) -> None:
         for scheduler in self.schedulers.values():
@@ -66,9 +75,15 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
     @staticmethod
     def _runner(replica: Replica):  # noqa: ANN205
         def run(job: Job) -> Results:
+            limit = replica.limits.max_wall_seconds
+            deadline = time.monotonic() + limit
+
+            # Called at every hook: a cancelled or overdue job stops at its next module.
             def check_cancelled() -> None:
                 if job.cancelled.is_set():
-                    raise FarscopeError("cancelled")
+                    raise CancelledError("the job was cancelled")
+                if time.monotonic() > deadline:
+                    raise LimitError(f"the job ran longer than max_wall_seconds={limit:g}")
             return replica.execute(job.payload, check_cancelled=check_cancelled)
         return run
 
@@ -191,6 +206,14 @@ class Server:
     health: health.HealthServicer
     port: int
 
+    def add(self, replica: Replica) -> None:
+        self.servicer.add(replica)
+
+    def set_serving(self) -> None:
+        """Report SERVING on the gRPC health service: readiness means the models are loaded."""
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
     def stop(self, grace: float | None = 5.0) -> None:
         self.health.enter_graceful_shutdown()
         self.grpc_server.stop(grace).wait()
@@ -198,8 +221,12 @@ class Server:
 
 
 def start_server(replicas: dict[str, Replica], *, host: str = "127.0.0.1", port: int = 0,
-                 max_workers: int = 32) -> Server:
-    """Start serving `replicas` on host:port (0 picks a free port); SERVING once it returns."""
+                 max_workers: int = 32, serving: bool = True) -> Server:
+    """Start serving `replicas` on host:port (0 picks a free port).
+
+    With `serving=False` the health service says NOT_SERVING until `set_serving()`: a server can bind
+    its port at once and tell load balancers it is ready only after its models are loaded.
+    """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="farscope-rpc"),
         options=[("grpc.max_receive_message_length", 8 * CHUNK_BYTES),
@@ -212,7 +239,10 @@ def start_server(replicas: dict[str, Replica], *, host: str = "127.0.0.1", port:
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"could not bind {host}:{port}")
-    server.start()
     for service in ("", SERVICE_NAME):
-        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    return Server(server, servicer, health_servicer, bound)
+        health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    server.start()
+    running = Server(server, servicer, health_servicer, bound)
+    if serving:
+        running.set_serving()
+    return running
