@@ -42,6 +42,9 @@ def test_farscope_serve_with_a_models_file(tiny_model_dirs, tmp_path):
         with grpc.insecure_channel(address) as channel:
             status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
             assert status.status == health_pb2.HealthCheckResponse.SERVING
+        probe = subprocess.run([sys.executable, "-m", "farscope.server.healthcheck", address],
+                               capture_output=True, text=True, timeout=60)
+        assert probe.returncode == 0 and probe.stdout.strip() == "SERVING"
 
         with farscope.RemoteModel("tiny", address=address) as model:
             assert "GPT2LMHeadModel" in repr(model)
