@@ -17,6 +17,10 @@ Extension codes (payloads are msgpack themselves):
     8 Blob       [dtype, shape, blob index]     (results: bytes in blob `index`)
     9 Size       list of ints (torch.Size)
    10 named      [name, list]: a torch.return_types tuple (topk, max, sort, ...), so `.indices` works
+   11 Opaque     [type name, short repr] (results only): a server object that cannot travel, such as
+                 a KV cache inside a module's kwargs, shown for what it is instead of failing the job
+   12 Record     [type name, map]: a model output (`CausalLMOutputWithPast`); decodes to a dict whose
+                 keys also read as attributes, so `out.logits` works after the trace
 """
 
 from __future__ import annotations
@@ -41,9 +45,11 @@ __all__ = [
     "tensor_bytes",
     "tensor_from_bytes",
     "MAX_DEPTH",
+    "Opaque",
+    "Record",
 ]
 
-_REF, _TENSOR, _SLICE, _ELLIPSIS, _DTYPE, _TUPLE, _HOOK, _BLOB, _SIZE, _NAMED = range(1, 11)
+_REF, _TENSOR, _SLICE, _ELLIPSIS, _DTYPE, _TUPLE, _HOOK, _BLOB, _SIZE, _NAMED, _OPAQUE, _RECORD = range(1, 13)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -104,11 +110,40 @@ def tensor_from_bytes(dtype_name: Any, shape: Any, data: bytes | bytearray | mem
     return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
-@dataclass
-class _Blob:
-    dtype: str
-    shape: list[int]
-    index: int
+@dataclass(frozen=True)
+class Opaque:
+    """Stands in, on the client, for a server object that cannot be sent (e.g. a KV cache)."""
+
+    type_name: str
+    summary: str
+
+    def __repr__(self) -> str:
+        return f"<opaque {self.type_name}: {self.summary}>"
+
+
+class Record(dict):
+    """A model output on the client: a dict whose keys also read as attributes (`out.logits`)."""
+
+    def __init__(self, type_name: str, fields: dict[str, Any]) -> None:
+        super().__init__(fields)
+        self.type_name = type_name
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"{self.type_name} has no field {name!r}; fields: {', '.join(self)}") from None
+
+    def __repr__(self) -> str:
+        return f"{self.type_name}({', '.join(f'{k}=...' for k in self)})"
+
+
+def _short_repr(obj: Any) -> str:
+    try:
+        text = repr(obj)
+    except Exception:  # a repr that fails must not fail the job
+        text = "?"
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 class _Encoder:
@@ -147,12 +182,17 @@ class _Encoder:
         if isinstance(obj, HookPoint):
             return msgpack.ExtType(_HOOK, pack([obj.module, obj.point]))
         if isinstance(obj, dict):  # dict subclasses, e.g. transformers' ModelOutput
+            if self.blobs is not None:
+                return msgpack.ExtType(_RECORD, pack([type(obj).__name__, dict(obj)]))
             return dict(obj)
         if isinstance(obj, list):
             return list(obj)
         for kind in (bool, int, float, str, bytes):  # subclasses of builtins (IntEnum, ...)
             if isinstance(obj, kind):
                 return kind(obj)
+        if self.blobs is not None:
+            kind = type(obj)
+            return msgpack.ExtType(_OPAQUE, pack([f"{kind.__module__}.{kind.__qualname__}", _short_repr(obj)]))
         raise TypeError(f"a value of type {type(obj).__name__} cannot be sent")
 
     def pack(self, obj: Any) -> bytes:
@@ -214,6 +254,17 @@ class _Decoder:
                     and isinstance(payload[1], list)):
                 raise ValidationError("named tuple must be [torch.return_types name, list]")
             return _RETURN_TYPES[payload[0]](payload[1])
+        if code == _RECORD:
+            if not (isinstance(payload, list) and len(payload) == 2 and isinstance(payload[0], str)
+                    and isinstance(payload[1], dict)):
+                raise ValidationError("record must be [type name, map]")
+            return Record(payload[0], payload[1])
+        if code == _OPAQUE:
+            if self.blobs is None:
+                raise ValidationError("opaque values are only valid in results")
+            if not (isinstance(payload, list) and len(payload) == 2 and all(isinstance(p, str) for p in payload)):
+                raise ValidationError("opaque value must be [type name, repr]")
+            return Opaque(payload[0], payload[1])
         if code == _SIZE:
             if not isinstance(payload, list) or not all(isinstance(s, int) for s in payload):
                 raise ValidationError("size must be a list of ints")

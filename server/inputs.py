@@ -47,12 +47,16 @@ def build_batch(model: nn.Module, tokenizer: Any, invokes: list[Any]) -> Batch:
         sequences.extend(seqs)
     length = max(len(s) for s in sequences)
     device = model.get_input_embeddings().weight.device
+    accepted = inspect.signature(model.forward).parameters
+    # A trace is one forward pass: building a KV cache would only cost memory (and its cache object
+    # would show up in every layer's kwargs).
+    extra = {"use_cache": False} if "use_cache" in accepted else {}
     if all(len(s) == length for s in sequences):
-        return Batch({"input_ids": torch.tensor(sequences, device=device)}, rows)
+        return Batch({"input_ids": torch.tensor(sequences, device=device), **extra}, rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.tensor([[pad] * (length - len(s)) + s for s in sequences], device=device)
     mask = torch.tensor([[0] * (length - len(s)) + [1] * len(s) for s in sequences], device=device)
-    inputs = {"input_ids": ids, "attention_mask": mask}
-    if "position_ids" in inspect.signature(model.forward).parameters:
+    inputs = {"input_ids": ids, "attention_mask": mask, **extra}
+    if "position_ids" in accepted:
         inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
     return Batch(inputs, rows)
