@@ -1,0 +1,145 @@
+"""Shared fixtures: tiny random models of several architectures, and the real default model.
+
+Tiny models are built from configs with a fixed seed and saved to disk together with a tiny
+byte-level BPE tokenizer, so that tests load them through the same code path as real checkpoints.
+Everything here is session-scoped: build once, read many times. Tests must not mutate the models
+they get from ``load_model`` in ways that leak (hooks are removed by the code that adds them).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from farscope.server.config import ModelSpec
+
+TINY_ARCHS = ("llama", "gpt2", "gpt_neox")
+
+# Training text for the tiny tokenizer: common English words plus the prompts the tests use, so
+# those prompts come out as a handful of whole-word tokens rather than bytes.
+_TOKENIZER_CORPUS = """\
+When Mary and John went to the store, John gave a drink to Mary.
+When Tom and Anna went to the park, Anna gave a ball to Tom.
+The Eiffel Tower is located in the city of Paris, the capital of France.
+The Colosseum is located in the city of Rome, the capital of Italy.
+Berlin is the capital of Germany and Madrid is the capital of Spain.
+The quick brown fox jumps over the lazy dog. The dog was not happy about it.
+Once upon a time there was a little girl who lived in a small house near the forest.
+She liked to read books, play music, and walk with her friends every day after school.
+He said that he would come back home soon, but he never did. They waited for a long time.
+What is your name? Where do you live? How old are you? Why did you do that? Who are they?
+I think this is a good idea, because it is simple and it works well for all of us.
+We can see the sun in the morning and the moon at night, and the stars are very bright.
+One, two, three, four, five, six, seven, eight, nine, ten. First, second, third, last.
+The man and the woman had a cat and a dog; the children gave them food and water.
+It was a cold day in winter, so they stayed inside, made tea, and talked about the year.
+My favourite colours are red, green, blue, yellow, black and white. This one is new, that one is old.
+"""
+
+
+def _build_tokenizer(save_dir: Path) -> int:
+    """Train a tiny byte-level BPE (deterministic for a fixed text), save it, return its size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<pad>", "<eos>"]
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    # Byte-level like GPT-2/Llama 3: any string encodes, and decoding gives back the exact text.
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        min_frequency=1,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_TOKENIZER_CORPUS.splitlines(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>"
+    )
+    tokenizer.save_pretrained(save_dir)
+    return len(tokenizer)
+
+
+def _tiny_config(arch: str, vocab_size: int):
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
+
+    special = {"bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1}  # <eos>, <pad> as trained
+    if arch == "llama":
+        # Fewer key/value heads than query heads, as in most current Llama-family models.
+        return LlamaConfig(
+            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **special,
+        )
+    if arch == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=128, **special,
+        )
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(
+            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=128, **special,
+        )
+    raise ValueError(f"no tiny config for architecture {arch!r}; known: {', '.join(TINY_ARCHS)}")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``{"llama" | "gpt2" | "gpt_neox": directory}``, each a saved random model plus tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    tokenizer_dir = root / "tokenizer"
+    vocab_size = _build_tokenizer(tokenizer_dir)
+    dirs: dict[str, Path] = {}
+    for arch in TINY_ARCHS:
+        torch.manual_seed(0)  # per model, so each one is the same whatever is built before it
+        model = AutoModelForCausalLM.from_config(_tiny_config(arch, vocab_size))
+        out = root / arch
+        model.save_pretrained(out)
+        for file in tokenizer_dir.iterdir():
+            (out / file.name).write_bytes(file.read_bytes())
+        dirs[arch] = out
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(tiny_model_dirs: dict[str, Path]) -> Callable[..., ModelSpec]:
+    """``tiny_spec(arch, **overrides) -> ModelSpec`` for a tiny model, named ``tiny-<arch>``."""
+
+    def make(arch: str, **overrides: object) -> ModelSpec:
+        fields: dict = {"name": f"tiny-{arch}", "source": str(tiny_model_dirs[arch])}
+        fields.update(overrides)
+        return ModelSpec(**fields)
+
+    return make
+
+
+@pytest.fixture(params=TINY_ARCHS)
+def tiny_arch(request: pytest.FixtureRequest) -> str:
+    """Runs the requesting test once per tiny architecture."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def farscope_cache_dir() -> Path:
+    """The GGUF conversion cache shared across test runs: ``$FARSCOPE_CACHE`` or ``~/.cache/farscope``.
+
+    Deliberately not a tmp dir: converting the default model takes ~30 s, and a persistent cache
+    makes every run after the first skip it.
+    """
+    env = os.environ.get("FARSCOPE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "farscope"
+
+
+@pytest.fixture(scope="session")
+def default_model(farscope_cache_dir: Path):
+    """The embedded default model (SmolLM2-135M-Instruct from GGUF), loaded once per session."""
+    from farscope.server.config import DEFAULT_MODEL
+    from farscope.server.loading import load_model  # lazily: it imports transformers
+
+    return load_model(DEFAULT_MODEL, cache_dir=farscope_cache_dir)
