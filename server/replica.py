@@ -13,6 +13,7 @@ from farscope.interventions import codec
 from farscope.interventions.errors import RemoteError
 from farscope.interventions.graph import Graph
 
+from .attention import instrument
 from .executor import Executor
 from .inputs import build_batch
 from .loading import LoadedModel
@@ -38,6 +39,10 @@ class Replica:
         self.loaded = loaded
         self.name = loaded.spec.name
         self.model = loaded.model
+        # Gradients are taken with respect to activations only: weights never accumulate `.grad`,
+        # which would be state shared between users.
+        self.model.requires_grad_(False)
+        instrument(self.model)
         self.tokenizer = loaded.tokenizer
         self.limits = loaded.spec.limits
         self.modules = [(path, type(m).__name__) for path, m in self.model.named_modules()]
