@@ -88,7 +88,9 @@ class Proxy:
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
+        # torch passes its own private keywords along (F.softmax: `_stacklevel`); they only steer
+        # warnings, and the validator refuses `_`-names, so they are not recorded.
+        kwargs = {k: v for k, v in (kwargs or {}).items() if not k.startswith("_")}
         tracer = _open_tracer((args, kwargs))
         if tracer is None:  # only values from finished traces: behave as those values
             return func(*unwrap(args), **unwrap(kwargs))

@@ -62,6 +62,9 @@ def _field(obj: Any, key: str) -> Any:
         if key not in obj:
             raise KeyError(f"{type(obj).__name__} has no field {key!r}; fields: {', '.join(obj.keys())}")
         return obj[key]
+    # torch's named results (`x.topk(k).indices`, `x.max(dim).values`), by their declared fields only.
+    if type(obj).__module__ == "torch.return_types" and key in getattr(type(obj), "__match_args__", ()):
+        return getattr(obj, key)
     raise TypeError(
         f"cannot read field {key!r} of a {type(obj).__name__}; fields exist only on model outputs"
     )

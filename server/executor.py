@@ -55,10 +55,12 @@ class Executor:
             tuple(sorted({r.id for r in iter_refs((n.args, n.kwargs))})) for n in graph.nodes
         ]
         self.saved_ids = {n.id for n in graph.nodes if n.op == "save"}
-        self.last_use: dict[int, int] = {}
-        for node, deps in zip(graph.nodes, self.deps, strict=True):
+        # Nodes run when ready, not in recording order, so a value is freed once every node using it
+        # has run (not after its last user in recording order, which may run before earlier ones).
+        self.uses_left: dict[int, int] = {}
+        for deps in self.deps:
             for dep in deps:
-                self.last_use[dep] = node.id
+                self.uses_left[dep] = self.uses_left.get(dep, 0) + 1
         self.site: tuple[str, str] | None = None  # the hook point firing now
         self.site_value: Any = None
         self.last_write: Node | None = None
@@ -127,7 +129,8 @@ class Executor:
         self.env[node.id] = value
         self.done.add(node.id)
         for dep in self.deps[node.id]:
-            if self.last_use.get(dep) == node.id and dep not in self.saved_ids:
+            self.uses_left[dep] -= 1
+            if self.uses_left[dep] == 0 and dep not in self.saved_ids:
                 self.env.pop(dep, None)
 
     def _resolve(self, args: Any) -> Any:
