@@ -187,6 +187,8 @@ class _Encoder:
             return dict(obj)
         if isinstance(obj, list):
             return list(obj)
+        if isinstance(obj, int) and not -(1 << 63) <= obj < (1 << 64):  # msgpack ints are 64-bit
+            raise TypeError(f"the integer {obj} does not fit in 64 bits and cannot be sent")
         for kind in (bool, int, float, str, bytes):  # subclasses of builtins (IntEnum, ...)
             if isinstance(obj, kind):
                 return kind(obj)
@@ -221,6 +223,8 @@ class _Decoder:
             self.depth -= 1
 
     def ext_hook(self, code: int, data: bytes) -> Any:
+        if not _REF <= code <= _RECORD:
+            raise ValidationError(f"unknown extension type {code}")
         if code == _ELLIPSIS:
             return Ellipsis
         payload = self.unpack(data)
@@ -266,8 +270,10 @@ class _Decoder:
                 raise ValidationError("opaque value must be [type name, repr]")
             return Opaque(payload[0], payload[1])
         if code == _SIZE:
-            if not isinstance(payload, list) or not all(isinstance(s, int) for s in payload):
-                raise ValidationError("size must be a list of ints")
+            if not isinstance(payload, list) or not all(
+                isinstance(s, int) and not isinstance(s, bool) and 0 <= s < (1 << 63) for s in payload
+            ):
+                raise ValidationError("size must be a list of non-negative 64-bit ints")
             return torch.Size(payload)
         if code == _DTYPE:
             if payload not in DTYPES:

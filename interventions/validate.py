@@ -8,6 +8,7 @@ has, argument types (literals, refs, tensors only), and the request's size limit
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,12 @@ __all__ = ["GraphLimits", "validate", "SUPPORTED_IR_VERSIONS"]
 SUPPORTED_IR_VERSIONS = (IR_VERSION,)
 _MAX_STRING = 100_000
 _MAX_WHERE = 1_000
+
+# Values quoted in error messages come from the request: quote them bounded (a hostile value may be
+# nested thousands deep, where repr() raises RecursionError, or be 100k characters long).
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel, _QUOTE.maxstring, _QUOTE.maxother = 3, 120, 120
+_show = _QUOTE.repr
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,9 +53,9 @@ def validate(
     if unknown:
         raise _fail(f"request document has unknown keys: {', '.join(sorted(map(str, unknown)))}")
     version = document.get("version")
-    if version not in SUPPORTED_IR_VERSIONS:
+    if type(version) is not int or version not in SUPPORTED_IR_VERSIONS:  # not bool/float/tensor
         raise VersionError(
-            f"graph IR version {version!r} is not supported; this server accepts version(s) "
+            f"graph IR version {_show(version)} is not supported; this server accepts version(s) "
             f"{', '.join(map(str, SUPPORTED_IR_VERSIONS))}. Upgrade the farscope client or server so "
             "both speak the same version."
         )
@@ -101,18 +108,18 @@ def _check_node(index: int, raw: Any, paths: set[str], n_invokes: int) -> Node:
     if not isinstance(where, str) or len(where) > _MAX_WHERE:
         raise _fail(f"node {index}: 'where' must be a short string", index)
     if not isinstance(op, str) or op not in ops.REGISTRY:
-        raise _fail(f"unknown op {op!r}: not in the whitelist", index, where)
+        raise _fail(f"unknown op {_show(op)}: not in the whitelist", index, where)
     if not isinstance(args, tuple) or not isinstance(kwargs, dict):
         raise _fail(f"node {index} ({op}): args must be a tuple and kwargs a map", index, where)
     spec = ops.REGISTRY[op]
     if len(args) < spec.min_args or (spec.max_args is not None and len(args) > spec.max_args):
-        expected = spec.min_args if spec.max_args == spec.min_args else f"{spec.min_args}..{spec.max_args}"
+        expected = (spec.min_args if spec.max_args == spec.min_args else f"at least {spec.min_args}"
+                    if spec.max_args is None else f"{spec.min_args}..{spec.max_args}")
         raise _fail(f"op {op} takes {expected} positional arguments, got {len(args)}", index, where)
     for key in kwargs:
-        if not key.isidentifier() or key.startswith("_"):
-            raise _fail(f"op {op}: keyword {key!r} is not a valid argument name", index, where)
+        if not isinstance(key, str) or not key.isidentifier() or key.startswith("_"):
+            raise _fail(f"op {op}: keyword {_show(key)} is not a valid argument name", index, where)
     node = Node(index, op, args, kwargs, where)
-    context = f"{node.format()}"
     for i, arg in enumerate(args):
         _check_value(arg, node, paths, allow_hook=(op in ("read", "write") and i == 0), depth=0)
     for arg in kwargs.values():
@@ -122,14 +129,14 @@ def _check_node(index: int, raw: Any, paths: set[str], n_invokes: int) -> Node:
             raise _fail(f"{op} needs a module hook point as first argument", index, where)
         invoke = kwargs.get("invoke")
         if set(kwargs) != {"invoke"} or not isinstance(invoke, int) or not 0 <= invoke < n_invokes:
-            raise _fail(f"{context}: needs invoke=<0..{n_invokes - 1}>", index, where)
-    elif op == "getattr" and args[1] not in ops.TENSOR_ATTRIBUTES:
+            raise _fail(f"{node.format()}: needs invoke=<0..{n_invokes - 1}>", index, where)
+    elif op == "getattr" and not (isinstance(args[1], str) and args[1] in ops.TENSOR_ATTRIBUTES):
         raise _fail(
-            f"attribute {args[1]!r} is not readable remotely; readable: "
+            f"attribute {_show(args[1])} is not readable remotely; readable: "
             f"{', '.join(sorted(ops.TENSOR_ATTRIBUTES))}", index, where)
     elif op == "field" and not (isinstance(args[1], str) and args[1].isidentifier()
                                 and not args[1].startswith("_")):
-        raise _fail(f"field name {args[1]!r} is not allowed", index, where)
+        raise _fail(f"field name {_show(args[1])} is not allowed", index, where)
     return node
 
 
@@ -155,10 +162,10 @@ def _check_value(value: Any, node: Node, paths: set[str], *, allow_hook: bool, d
             raise _fail(f"a hook point may only be the first argument of read/write (node {node.id})",
                         node.id, where)
         if value.point not in ops.HOOK_POINTS:
-            raise _fail(f"unknown hook point {value.point!r}; use one of {', '.join(ops.HOOK_POINTS)}",
+            raise _fail(f"unknown hook point {_show(value.point)}; use one of {', '.join(ops.HOOK_POINTS)}",
                         node.id, where)
         if value.module not in paths:
-            raise _fail(f"the model has no module {value.module!r}{_suggest(value.module, paths)}",
+            raise _fail(f"the model has no module {_show(value.module)}{_suggest(value.module, paths)}",
                         node.id, where)
         return
     if isinstance(value, (list, tuple)):

@@ -1,10 +1,8 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf.internal import containers as _containers
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -22,7 +20,7 @@ class ModelSummary(_message.Message):
     architecture: str
     num_parameters: int
     dtype: str
-    def __init__(self, name: str | None = ..., architecture: str | None = ..., num_parameters: int | None = ..., dtype: str | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., num_parameters: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models", "server_version", "ir_versions")
@@ -32,13 +30,13 @@ class ListModelsResponse(_message.Message):
     models: _containers.RepeatedCompositeFieldContainer[ModelSummary]
     server_version: str
     ir_versions: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, models: _Iterable[ModelSummary | _Mapping] | None = ..., server_version: str | None = ..., ir_versions: _Iterable[int] | None = ...) -> None: ...
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelSummary, _Mapping]]] = ..., server_version: _Optional[str] = ..., ir_versions: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DescribeModelRequest(_message.Message):
     __slots__ = ("name",)
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: str | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ModuleInfo(_message.Message):
     __slots__ = ("path", "class_name")
@@ -46,7 +44,7 @@ class ModuleInfo(_message.Message):
     CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
     path: str
     class_name: str
-    def __init__(self, path: str | None = ..., class_name: str | None = ...) -> None: ...
+    def __init__(self, path: _Optional[str] = ..., class_name: _Optional[str] = ...) -> None: ...
 
 class ModelDescription(_message.Message):
     __slots__ = ("summary", "modules", "repr", "config_json", "tokenizer_sha256")
@@ -60,7 +58,7 @@ class ModelDescription(_message.Message):
     repr: str
     config_json: str
     tokenizer_sha256: str
-    def __init__(self, summary: ModelSummary | _Mapping | None = ..., modules: _Iterable[ModuleInfo | _Mapping] | None = ..., repr: str | None = ..., config_json: str | None = ..., tokenizer_sha256: str | None = ...) -> None: ...
+    def __init__(self, summary: _Optional[_Union[ModelSummary, _Mapping]] = ..., modules: _Optional[_Iterable[_Union[ModuleInfo, _Mapping]]] = ..., repr: _Optional[str] = ..., config_json: _Optional[str] = ..., tokenizer_sha256: _Optional[str] = ...) -> None: ...
 
 class FileChunk(_message.Message):
     __slots__ = ("name", "offset", "data", "size")
@@ -72,7 +70,7 @@ class FileChunk(_message.Message):
     offset: int
     data: bytes
     size: int
-    def __init__(self, name: str | None = ..., offset: int | None = ..., data: bytes | None = ..., size: int | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., size: _Optional[int] = ...) -> None: ...
 
 class RequestHeader(_message.Message):
     __slots__ = ("model", "client_version", "ir_version", "graph_bytes")
@@ -84,7 +82,7 @@ class RequestHeader(_message.Message):
     client_version: str
     ir_version: int
     graph_bytes: int
-    def __init__(self, model: str | None = ..., client_version: str | None = ..., ir_version: int | None = ..., graph_bytes: int | None = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., client_version: _Optional[str] = ..., ir_version: _Optional[int] = ..., graph_bytes: _Optional[int] = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
     __slots__ = ("header", "graph_chunk")
@@ -92,7 +90,7 @@ class ExecuteRequest(_message.Message):
     GRAPH_CHUNK_FIELD_NUMBER: _ClassVar[int]
     header: RequestHeader
     graph_chunk: bytes
-    def __init__(self, header: RequestHeader | _Mapping | None = ..., graph_chunk: bytes | None = ...) -> None: ...
+    def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., graph_chunk: _Optional[bytes] = ...) -> None: ...
 
 class Queued(_message.Message):
     __slots__ = ("job_id", "position")
@@ -100,19 +98,19 @@ class Queued(_message.Message):
     POSITION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     position: int
-    def __init__(self, job_id: str | None = ..., position: int | None = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., position: _Optional[int] = ...) -> None: ...
 
 class Running(_message.Message):
     __slots__ = ("job_id",)
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: str | None = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class ResultHeader(_message.Message):
     __slots__ = ("blob_sizes",)
     BLOB_SIZES_FIELD_NUMBER: _ClassVar[int]
     blob_sizes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, blob_sizes: _Iterable[int] | None = ...) -> None: ...
+    def __init__(self, blob_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ResultChunk(_message.Message):
     __slots__ = ("blob", "offset", "data")
@@ -122,7 +120,7 @@ class ResultChunk(_message.Message):
     blob: int
     offset: int
     data: bytes
-    def __init__(self, blob: int | None = ..., offset: int | None = ..., data: bytes | None = ...) -> None: ...
+    def __init__(self, blob: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Done(_message.Message):
     __slots__ = ("job_id", "run_seconds")
@@ -130,7 +128,7 @@ class Done(_message.Message):
     RUN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     run_seconds: float
-    def __init__(self, job_id: str | None = ..., run_seconds: float | None = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., run_seconds: _Optional[float] = ...) -> None: ...
 
 class ExecuteEvent(_message.Message):
     __slots__ = ("queued", "running", "result", "chunk", "done")
@@ -144,4 +142,4 @@ class ExecuteEvent(_message.Message):
     result: ResultHeader
     chunk: ResultChunk
     done: Done
-    def __init__(self, queued: Queued | _Mapping | None = ..., running: Running | _Mapping | None = ..., result: ResultHeader | _Mapping | None = ..., chunk: ResultChunk | _Mapping | None = ..., done: Done | _Mapping | None = ...) -> None: ...
+    def __init__(self, queued: _Optional[_Union[Queued, _Mapping]] = ..., running: _Optional[_Union[Running, _Mapping]] = ..., result: _Optional[_Union[ResultHeader, _Mapping]] = ..., chunk: _Optional[_Union[ResultChunk, _Mapping]] = ..., done: _Optional[_Union[Done, _Mapping]] = ...) -> None: ...
