@@ -12,6 +12,7 @@ import operator
 from typing import TYPE_CHECKING, Any
 
 import torch
+
 from farscope.interventions import ops
 from farscope.interventions.errors import TraceError
 from farscope.interventions.graph import Node, Ref, map_args
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 __all__ = ["Proxy"]
 
 _UNSET = object()
+# Fields of torch's named results (`x.topk(k).indices`) that are also (sparse) Tensor attributes.
+_RESULT_FIELDS = frozenset({"values", "indices"})
 
 
 class Proxy:
@@ -75,7 +78,14 @@ class Proxy:
             return method
         if name in ops.TENSOR_ATTRIBUTES:
             return self._tracer.record("getattr", (self, name))
-        return self._tracer.record("field", (self, name))
+        if hasattr(torch.Tensor, name) and name not in _RESULT_FIELDS:  # a tensor method outside the whitelist
+            raise TraceError(f"Tensor.{name} is not available on the server (not in farscope's op whitelist)")
+        return self._tracer.record("field", (self, name))  # a model output's field, e.g. .logits
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._resolved:
+            return self._value(*args, **kwargs)
+        raise TraceError(f"%{self._node.id} ({self._node.op}) is a value, not something that can be called")
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise TraceError(f"cannot set attribute {name!r} on a proxy")

@@ -10,11 +10,13 @@ import contextlib
 import linecache
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-import farscope.interventions as _interventions
 import torch
+
+import farscope.interventions as _interventions
 from farscope.interventions import codec
 from farscope.interventions.errors import FarscopeError, TraceError
 from farscope.interventions.graph import Graph, HookPoint, Node, to_document
@@ -31,7 +33,15 @@ _INTERNAL = tuple(
     os.path.dirname(os.path.abspath(p)) + os.sep
     for p in (__file__, _interventions.__file__, torch.__file__)
 )
-_ACTIVE: list[Tracer] = []  # the stack of open tracers (traces nest only within sessions)
+
+class _OpenTracers(threading.local):
+    """Each thread's stack of open tracers: two threads tracing the same model never mix graphs."""
+
+    def __init__(self) -> None:
+        self.stack: list[Tracer] = []
+
+
+_ACTIVE = _OpenTracers()
 
 
 def _user_line() -> str:
@@ -50,7 +60,7 @@ def _describe_where(where: str) -> str:
 
 
 def active_tracer(model: RemoteModel) -> Tracer:
-    for tracer in reversed(_ACTIVE):
+    for tracer in reversed(_ACTIVE.stack):
         if tracer.model is model:
             return tracer
     raise TraceError("module values (.output, .input, .inputs) exist only inside `with model.trace(...)`")
@@ -77,11 +87,11 @@ class Tracer:
         self.is_open = True
         if self._implicit:
             self._invoke = 0
-        _ACTIVE.append(self)
+        _ACTIVE.stack.append(self)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        _ACTIVE.remove(self)
+        _ACTIVE.stack.remove(self)
         self.is_open = False
         self._invoke = None
         if exc_type is not None:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+
 from farscope.interventions import codec
 from farscope.interventions.errors import (
     ERROR_CLASSES,

@@ -310,4 +310,9 @@ def encode_results(obj: Any) -> tuple[bytes, list[memoryview]]:
 
 
 def decode_results(document: bytes, blobs: list[bytearray]) -> Any:
-    return _Decoder(blobs).unpack(document)
+    try:
+        return _Decoder(blobs).unpack(document)
+    except ValidationError:
+        raise
+    except Exception as e:
+        raise ValidationError(f"malformed results document from the server: {type(e).__name__}: {e}") from None

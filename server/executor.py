@@ -15,10 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
+
 from farscope.interventions import ops
 from farscope.interventions.errors import FarscopeError, RemoteError
 from farscope.interventions.graph import Graph, HookPoint, Node, Ref, iter_refs, map_args
-from torch import nn
+
+from .guard import check_allocation
 
 __all__ = ["Batch", "Executor"]
 
@@ -43,7 +46,9 @@ class _StopForward(Exception):
 
 class Executor:
     def __init__(self, model: nn.Module, graph: Graph, batch: Batch,
-                 *, check_cancelled: Callable[[], None] | None = None) -> None:
+                 *, check_cancelled: Callable[[], None] | None = None,
+                 max_tensor_bytes: int = 4 * 2**30) -> None:
+        self.max_tensor_bytes = max_tensor_bytes
         self.model = model
         self.graph = graph
         self.batch = batch
@@ -120,7 +125,9 @@ class Executor:
             else:
                 fn = ops.REGISTRY[node.op].fn
                 assert fn is not None
-                value = fn(*self._resolve(node.args), **self._resolve(node.kwargs))
+                args, kwargs = self._resolve(node.args), self._resolve(node.kwargs)
+                check_allocation(node.op, args, kwargs, self.max_tensor_bytes)
+                value = fn(*args, **kwargs)
         except FarscopeError:
             raise
         except Exception as e:

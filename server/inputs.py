@@ -6,8 +6,9 @@ import inspect
 from typing import Any
 
 import torch
-from farscope.interventions.errors import ValidationError
 from torch import nn
+
+from farscope.interventions.errors import ValidationError
 
 from .executor import Batch
 

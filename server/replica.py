@@ -69,7 +69,8 @@ class Replica:
         start = time.perf_counter()
         with self._lock:
             batch = build_batch(self.model, self.tokenizer, graph.invokes)
-            saved = Executor(self.model, graph, batch, check_cancelled=check_cancelled).run()
+            saved = Executor(self.model, graph, batch, check_cancelled=check_cancelled,
+                             max_tensor_bytes=self.limits.max_saved_bytes).run()
         results = _encode(graph, saved)
         if results.nbytes > self.limits.max_saved_bytes:
             from farscope.interventions.errors import LimitError

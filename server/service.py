@@ -12,6 +12,8 @@ from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
 from farscope.interventions import codec
 from farscope.interventions.errors import (
     STATUS_OF,
@@ -25,7 +27,6 @@ from farscope.interventions.errors import (
 from farscope.interventions.validate import SUPPORTED_IR_VERSIONS, GraphLimits, validate
 from farscope.proto import farscope_pb2 as pb
 from farscope.proto import farscope_pb2_grpc as pb_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .replica import Replica, Results
 from .scheduler import Job, Scheduler
@@ -136,6 +137,9 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
         except FarscopeError as e:
             log.info("request rejected: %s", e.message)
             _abort(context, e)
+        except Exception as e:  # a bug of ours, never the client's: say so, keep serving
+            log.exception("unexpected error while reading a request")
+            _abort(context, FarscopeError(f"internal server error while reading the request: {type(e).__name__}"))
         job = Job(model=replica.name, payload=graph)
         context.add_callback(job.cancelled.set)  # a vanished client cancels its queued job
         self.schedulers[replica.name].submit(job)

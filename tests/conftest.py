@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from farscope.server.config import ModelSpec
 
 TINY_ARCHS = ("llama", "gpt2", "gpt_neox")

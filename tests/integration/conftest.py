@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from torch import nn
+
+import farscope
 from farscope.server.config import DEFAULT_MODEL
 from farscope.server.loading import load_model
 from farscope.server.replica import Replica
 from farscope.server.service import Server, start_server
-from torch import nn
-
-import farscope
 
 TINY_ARCHS = ("llama", "gpt2", "gpt_neox")
 

@@ -15,15 +15,15 @@ import grpc
 import msgpack
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import farscope
 from farscope.client.transport import Transport
 from farscope.interventions import codec
 from farscope.interventions.graph import IR_VERSION, Graph, HookPoint, Ref, to_document
 from farscope.proto import farscope_pb2 as pb
 from farscope.proto import farscope_pb2_grpc as pb_grpc
 from farscope.server.service import SERVICE_NAME
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-import farscope
 
 PROMPT = "John gave a drink to Mary"
 MODEL = "tiny-llama"

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from farscope.proto import farscope_pb2 as pb
 
 

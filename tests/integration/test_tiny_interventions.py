@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+
 from farscope.interventions.codec import Opaque
 
 PROMPT = "When Mary and John went to the store"  # 9 tokens

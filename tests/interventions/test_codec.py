@@ -8,6 +8,7 @@ import struct
 import msgpack
 import pytest
 import torch
+
 from farscope.interventions import codec
 from farscope.interventions.errors import ValidationError
 from farscope.interventions.graph import HookPoint, Ref

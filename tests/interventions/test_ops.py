@@ -20,15 +20,15 @@ from typing import Any, NamedTuple
 
 import pytest
 import torch
+from torch import nn
+
+import farscope
 from farscope.client import Proxy
 from farscope.interventions import ops
 from farscope.interventions.errors import FarscopeError
 from farscope.server.loading import load_model
 from farscope.server.replica import Replica
 from farscope.server.service import start_server
-from torch import nn
-
-import farscope
 
 PROMPT = "When Mary and John went to the store"
 SPECIAL = frozenset({"read", "write", "save", "getattr", "field"})

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from farscope.interventions import codec, ops
 from farscope.interventions.errors import FarscopeError, LimitError, ValidationError, VersionError
 from farscope.interventions.graph import IR_VERSION, Graph, HookPoint, Ref, to_document

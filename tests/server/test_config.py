@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from farscope.server.config import DEFAULT_MODEL, Limits, ModelSpec, load_models_file
 
 

@@ -13,6 +13,7 @@ import pytest
 import tokenizers
 import torch
 import transformers
+
 from farscope.server import loading
 from farscope.server.config import DEFAULT_MODEL, ModelSpec
 from farscope.server.loading import LoadedModel, cache_root, load_model
