@@ -128,7 +128,9 @@ class Executor:
                 args, kwargs = self._resolve(node.args), self._resolve(node.kwargs)
                 check_allocation(node.op, args, kwargs, self.max_tensor_bytes)
                 value = fn(*args, **kwargs)
-        except FarscopeError:
+        except FarscopeError as e:
+            if e.node_id is None:  # a limit or cancel hit while running this node: name it
+                e.node, e.node_id, e.where = node.format(), node.id, node.where
             raise
         except Exception as e:
             raise RemoteError(f"{type(e).__name__}: {e}", node=node.format(), node_id=node.id,
