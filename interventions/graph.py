@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 __all__ = [
-    "IR_VERSION", "Ref", "HookPoint", "Node", "Graph", "map_args", "iter_refs", "format_arg", "to_document",
+    "IR_VERSION", "MODES", "Ref", "HookPoint", "Node", "Segment", "Graph", "map_args", "iter_refs", "format_arg",
+    "to_document",
 ]
 
 # Bumped whenever a graph's meaning changes in a way an older executor would misread.
@@ -66,23 +67,67 @@ class Node:
         return f"{self.format()}  # {self.where}" if self.where else self.format()
 
 
-@dataclass
-class Graph:
-    """What one trace asks for: the inputs of each invoke and the nodes, in recording order."""
+MODES = ("trace", "generate")
 
-    nodes: list[Node] = field(default_factory=list)
+
+@dataclass
+class Segment:
+    """One forward pass (`trace`) or one `generate` call of a request, over nodes [start, stop)."""
+
+    mode: str = "trace"
     invokes: list[Any] = field(default_factory=list)
-    version: int = IR_VERSION
+    options: dict[str, Any] = field(default_factory=dict)  # generation keywords
+    start: int = 0
+    stop: int = 0
+
+
+class Graph:
+    """What one request asks for: the nodes in recording order, split into segments.
+
+    A plain trace is one segment. A session holds several; node ids run across all of them, so a
+    later segment's nodes can use values of earlier segments without those leaving the server.
+    """
+
+    def __init__(self, nodes: list[Node] | None = None, invokes: list[Any] | None = None,
+                 version: int = IR_VERSION, segments: list[Segment] | None = None) -> None:
+        self.nodes: list[Node] = list(nodes or [])
+        self.version = version
+        self.segments: list[Segment] = segments or [Segment(invokes=list(invokes or []), stop=len(self.nodes))]
+
+    @property
+    def invokes(self) -> list[Any]:
+        """The inputs of the (last) segment."""
+        return self.segments[-1].invokes
+
+    def begin(self, mode: str = "trace", options: dict[str, Any] | None = None) -> Segment:
+        """Start a new segment (the next trace of a session), unless the current one is still empty."""
+        last = self.segments[-1]
+        if last.start == last.stop == len(self.nodes) and not last.invokes:
+            last.mode, last.options = mode, dict(options or {})
+            return last
+        segment = Segment(mode, [], dict(options or {}), len(self.nodes), len(self.nodes))
+        self.segments.append(segment)
+        return segment
 
     def add(self, op: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None,
             where: str = "") -> Node:
         node = Node(len(self.nodes), op, tuple(args), dict(kwargs or {}), where)
         self.nodes.append(node)
+        self.segments[-1].stop = len(self.nodes)
         return node
 
+    def segment_of(self, node_id: int) -> Segment:
+        for segment in self.segments:
+            if segment.start <= node_id < segment.stop:
+                return segment
+        raise IndexError(node_id)
+
     def __str__(self) -> str:
-        head = [f"graph v{self.version}, {len(self.invokes)} invoke(s):"]
-        return "\n".join(head + [f"  {node}" for node in self.nodes])
+        lines = [f"graph v{self.version}:"]
+        for segment in self.segments:
+            lines.append(f"  {segment.mode} of {len(segment.invokes)} invoke(s) {segment.options or ''}".rstrip())
+            lines += [f"    {node}" for node in self.nodes[segment.start:segment.stop]]
+        return "\n".join(lines)
 
 
 def map_args(value: Any, fn: Callable[[Any], Any]) -> Any:
@@ -132,10 +177,25 @@ def format_arg(value: Any) -> str:
     return repr(value)
 
 
-def to_document(graph: Graph) -> dict[str, Any]:
-    """The graph as the plain structure the codec sends: node ids are positions in `nodes`."""
-    return {
-        "version": graph.version,
-        "invokes": list(graph.invokes),
-        "nodes": [[n.op, tuple(n.args), dict(n.kwargs), n.where] for n in graph.nodes],
+def _segment_document(graph: Graph, segment: Segment) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "invokes": list(segment.invokes),
+        "nodes": [[n.op, tuple(n.args), dict(n.kwargs), n.where] for n in graph.nodes[segment.start:segment.stop]],
     }
+    if segment.mode != "trace":
+        document["mode"] = segment.mode
+    if segment.options:
+        document["options"] = dict(segment.options)
+    return document
+
+
+def to_document(graph: Graph) -> dict[str, Any]:
+    """The graph as the plain structure the codec sends.
+
+    One segment: ``{version, invokes, nodes[, mode, options]}``. Several (a session):
+    ``{version, traces: [{invokes, nodes[, mode, options]}, ...]}``. Node ids are positions, counted
+    across all segments.
+    """
+    if len(graph.segments) == 1:
+        return {"version": graph.version, **_segment_document(graph, graph.segments[0])}
+    return {"version": graph.version, "traces": [_segment_document(graph, s) for s in graph.segments]}

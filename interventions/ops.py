@@ -8,8 +8,10 @@ spelled anywhere else. An op is one of:
 - ``method``:   a ``torch.Tensor`` method, wire name ``Tensor.<name>``.
 - ``function``: a ``torch`` or ``torch.nn.functional`` function, wire name ``torch.<name>`` or
   ``torch.nn.functional.<name>``.
-- ``special``:  handled by the executor itself: ``read`` / ``write`` of a module hook point, ``save``,
-  ``getattr`` of a whitelisted tensor attribute, ``field`` of a model output (``.logits``).
+- ``special``:  handled by the executor itself: ``read`` / ``write`` / ``skip`` of a module hook point,
+  ``call_module`` (run a module out of order), ``backward`` / ``grad`` / ``set_grad`` (gradients),
+  ``stop``, ``log``, ``save``, ``getattr`` of a whitelisted tensor attribute, ``field`` of a model
+  output (``.logits``).
 
 Adding an op is one entry here plus one test in ``tests/interventions/test_ops.py``.
 """
@@ -29,13 +31,27 @@ __all__ = [
     "REGISTRY",
     "TENSOR_ATTRIBUTES",
     "HOOK_POINTS",
+    "HOOK_OPS",
+    "TARGET_OPS",
     "OPERATOR_DUNDERS",
     "op_for_torch_function",
     "get",
 ]
 
-# Hook points of a module: its output, its first positional input, all of (args, kwargs).
+# Hook points of a module: its output, its first positional input, all of (args, kwargs). The root
+# module also has `result` under generate: the generated token ids. `forward` names a module to call.
 HOOK_POINTS = ("output", "input", "inputs")
+ROOT_POINTS = ("result",)
+CALL_POINT = "forward"
+# Ops whose first argument is a module hook point, and the points each accepts.
+HOOK_OPS = {
+    "read": HOOK_POINTS + ROOT_POINTS,
+    "write": HOOK_POINTS,
+    "skip": ("output",),
+    "call_module": (CALL_POINT,),
+}
+# Ops whose first argument must be a reference to the value they concern.
+TARGET_OPS = ("grad", "set_grad", "backward")
 
 # Attributes that may be read off a value with the `getattr` op. Anything else is refused, so a
 # graph can never walk into `__class__`, `__globals__` or a module's internals.
@@ -200,9 +216,16 @@ def _build() -> tuple[dict[str, OpSpec], dict[Any, tuple[str, bool]], dict[str, 
         add(OpSpec(f"torch.nn.functional.{function}", "function", fn, 0, None))
         by_callable.setdefault(fn, (f"torch.nn.functional.{function}", False))
 
-    # Special ops, run by the executor itself (fn is None where the executor needs the hook context).
-    add(OpSpec("read", "special", None, 1, 1))  # read(hook, invoke=i)
-    add(OpSpec("write", "special", None, 2, 2, inplace=True))  # write(hook, value, invoke=i)
+    # Special ops, run by the executor itself (fn is None where the executor needs its own state).
+    add(OpSpec("read", "special", None, 1, 1))  # read(hook, invoke=i, call=c)
+    add(OpSpec("write", "special", None, 2, 2, inplace=True))  # write(hook, value, invoke=i, call=c)
+    add(OpSpec("skip", "special", None, 2, 2))  # skip(module.output, value, invoke=i, call=c)
+    add(OpSpec("call_module", "special", None, 1, None))  # call_module(module.forward, *args, **kwargs)
+    add(OpSpec("grad", "special", None, 1, 1))  # grad(%x): %x's gradient, during backward
+    add(OpSpec("set_grad", "special", None, 2, 2, inplace=True))  # replace %x's gradient
+    add(OpSpec("backward", "special", None, 1, 1))  # backward(%loss, retain_graph=...)
+    add(OpSpec("stop", "special", None, 0, 0))  # end the forward pass here
+    add(OpSpec("log", "special", None, 0, None))  # send values to the client as a log event
     add(OpSpec("save", "special", _save, 1, 1))
     add(OpSpec("getattr", "special", _getattr, 2, 2))
     add(OpSpec("field", "special", _field, 2, 2))

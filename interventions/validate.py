@@ -17,7 +17,7 @@ import torch
 
 from . import ops
 from .errors import LimitError, ValidationError, VersionError
-from .graph import IR_VERSION, Graph, HookPoint, Node, Ref
+from .graph import IR_VERSION, MODES, Graph, HookPoint, Node, Ref, Segment
 
 __all__ = ["GraphLimits", "validate", "SUPPORTED_IR_VERSIONS"]
 
@@ -32,26 +32,47 @@ _QUOTE.maxlevel, _QUOTE.maxstring, _QUOTE.maxother = 3, 120, 120
 _show = _QUOTE.repr
 
 
+def _key(key: Any) -> str:
+    return key if isinstance(key, str) and len(key) < 100 else _show(key)
+
+
 @dataclass(frozen=True, kw_only=True)
 class GraphLimits:
     max_nodes: int = 20_000
     max_invokes: int = 256
     max_input_tokens: int = 1_000_000
+    max_new_tokens: int = 4096
 
 
 def _fail(message: str, node_id: int | None = None, where: str | None = None) -> ValidationError:
     return ValidationError(message, node_id=node_id, where=where or None)
 
 
+# Generation keywords a request may pass to `generate`, with their accepted types. Anything that
+# changes the batch's rows (beams, several sequences per prompt) is left out: invokes own rows.
+GENERATION_OPTIONS: dict[str, tuple[type, ...]] = {
+    "max_new_tokens": (int,),
+    "min_new_tokens": (int,),
+    "do_sample": (bool,),
+    "temperature": (int, float),
+    "top_k": (int,),
+    "top_p": (int, float),
+    "repetition_penalty": (int, float),
+    "no_repeat_ngram_size": (int,),
+}
+_SEGMENT_KEYS = {"invokes", "nodes", "mode", "options"}
+
+
 def validate(
     document: Any, *, module_paths: Collection[str], limits: GraphLimits = GraphLimits()
 ) -> Graph:
-    """A checked `Graph` from a decoded document, or `ValidationError` naming what is wrong."""
+    """A checked `Graph` from a decoded document, or `ValidationError` naming what is wrong.
+
+    A document is one trace (`{version, invokes, nodes[, mode, options]}`) or a session of several
+    (`{version, traces: [...]}`); node ids count across the whole session.
+    """
     if not isinstance(document, dict):
         raise _fail(f"request document must be a map, got {type(document).__name__}")
-    unknown = set(document) - {"version", "invokes", "nodes"}
-    if unknown:
-        raise _fail(f"request document has unknown keys: {', '.join(sorted(map(str, unknown)))}")
     version = document.get("version")
     if type(version) is not int or version not in SUPPORTED_IR_VERSIONS:  # not bool/float/tensor
         raise VersionError(
@@ -59,22 +80,66 @@ def validate(
             f"{', '.join(map(str, SUPPORTED_IR_VERSIONS))}. Upgrade the farscope client or server so "
             "both speak the same version."
         )
-    invokes = document.get("invokes")
-    nodes = document.get("nodes")
+    if "traces" in document:
+        unknown = set(document) - {"version", "traces"}
+        traces = document["traces"]
+        if not isinstance(traces, list) or not traces:
+            raise _fail("'traces' must be a non-empty list")
+    else:
+        unknown = set(document) - {"version"} - _SEGMENT_KEYS
+        traces = [{k: v for k, v in document.items() if k != "version"}]
+    if unknown:
+        raise _fail(f"request document has unknown keys: {', '.join(sorted(map(_key, unknown)))}")
+    graph = Graph(version=version, segments=[])
+    paths = set(module_paths)
+    total_nodes = total_tokens = 0
+    for number, trace in enumerate(traces):
+        segment = _check_segment(number, trace, limits)
+        total_nodes += len(trace["nodes"])
+        if total_nodes > limits.max_nodes:
+            raise LimitError(f"graph has {total_nodes} nodes; the limit (max_nodes) is {limits.max_nodes}")
+        total_tokens += sum(_check_input(i, inp) for i, inp in enumerate(segment.invokes))
+        if total_tokens > limits.max_input_tokens:
+            raise LimitError(f"inputs hold {total_tokens} tokens; the limit is {limits.max_input_tokens}")
+        segment.start = segment.stop = len(graph.nodes)
+        graph.segments.append(segment)
+        for raw in trace["nodes"]:
+            graph.nodes.append(_check_node(len(graph.nodes), raw, paths, segment))
+            segment.stop = len(graph.nodes)
+    return graph
+
+
+def _check_segment(number: int, trace: Any, limits: GraphLimits) -> Segment:
+    what = f"trace {number}"
+    if not isinstance(trace, dict):
+        raise _fail(f"{what} must be a map")
+    unknown = set(trace) - _SEGMENT_KEYS
+    if unknown:
+        raise _fail(f"{what} has unknown keys: {', '.join(sorted(map(_key, unknown)))}")
+    invokes, nodes = trace.get("invokes"), trace.get("nodes")
     if not isinstance(invokes, list) or not isinstance(nodes, list):
         raise _fail("request document needs lists 'invokes' and 'nodes'")
     if len(invokes) > limits.max_invokes:
         raise LimitError(f"{len(invokes)} invokes exceed the limit of {limits.max_invokes}")
-    if len(nodes) > limits.max_nodes:
-        raise LimitError(f"graph has {len(nodes)} nodes; the limit (max_nodes) is {limits.max_nodes}")
-    tokens = sum(_check_input(i, inp) for i, inp in enumerate(invokes))
-    if tokens > limits.max_input_tokens:
-        raise LimitError(f"inputs hold {tokens} tokens; the limit is {limits.max_input_tokens}")
-    graph = Graph(invokes=invokes, version=version)
-    paths = set(module_paths)
-    for index, raw in enumerate(nodes):
-        graph.nodes.append(_check_node(index, raw, paths, len(invokes)))
-    return graph
+    mode = trace.get("mode", "trace")
+    if mode not in MODES:
+        raise _fail(f"{what}: unknown mode {_show(mode)}; use one of {', '.join(MODES)}")
+    options = trace.get("options", {})
+    if not isinstance(options, dict):
+        raise _fail(f"{what}: options must be a map")
+    if options and mode != "generate":
+        raise _fail(f"{what}: options are only accepted with mode 'generate'")
+    for key, value in options.items():
+        kinds = GENERATION_OPTIONS.get(key) if isinstance(key, str) else None
+        if kinds is None:
+            raise _fail(f"generation option {_show(key)} is not accepted; accepted: {', '.join(GENERATION_OPTIONS)}")
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise _fail(f"generation option {key} must be {' or '.join(k.__name__ for k in kinds)}, got {_show(value)}")
+    if mode == "generate":
+        steps = options.get("max_new_tokens")
+        if not isinstance(steps, int) or not 1 <= steps <= limits.max_new_tokens:
+            raise LimitError(f"generate needs max_new_tokens between 1 and {limits.max_new_tokens}, got {_show(steps)}")
+    return Segment(mode, invokes, options)
 
 
 def _check_input(index: int, value: Any) -> int:
@@ -101,7 +166,7 @@ def _check_input(index: int, value: Any) -> int:
     )
 
 
-def _check_node(index: int, raw: Any, paths: set[str], n_invokes: int) -> Node:
+def _check_node(index: int, raw: Any, paths: set[str], segment: Segment) -> Node:
     if not isinstance(raw, list) or len(raw) != 4:
         raise _fail(f"node {index} must be [op, args, kwargs, where]", index)
     op, args, kwargs, where = raw
@@ -120,16 +185,23 @@ def _check_node(index: int, raw: Any, paths: set[str], n_invokes: int) -> Node:
         if not isinstance(key, str) or not key.isidentifier() or key.startswith("_"):
             raise _fail(f"op {op}: keyword {_show(key)} is not a valid argument name", index, where)
     node = Node(index, op, args, kwargs, where)
+    hook_points = ops.HOOK_OPS.get(op)
     for i, arg in enumerate(args):
-        _check_value(arg, node, paths, allow_hook=(op in ("read", "write") and i == 0), depth=0)
+        _check_value(arg, node, paths, hook_points=hook_points if i == 0 else None, depth=0)
     for arg in kwargs.values():
-        _check_value(arg, node, paths, allow_hook=False, depth=0)
-    if op in ("read", "write"):
-        if not isinstance(args[0], HookPoint):
-            raise _fail(f"{op} needs a module hook point as first argument", index, where)
-        invoke = kwargs.get("invoke")
-        if set(kwargs) != {"invoke"} or not isinstance(invoke, int) or not 0 <= invoke < n_invokes:
-            raise _fail(f"{node.format()}: needs invoke=<0..{n_invokes - 1}>", index, where)
+        _check_value(arg, node, paths, hook_points=None, depth=0)
+    if hook_points is not None:
+        _check_hook_node(node, segment)
+    elif op in ops.TARGET_OPS:
+        if not isinstance(args[0], Ref):
+            raise _fail(f"{op} needs a reference to a value as first argument", index, where)
+        if segment.mode == "generate":
+            raise _fail(f"{op}: gradients are not supported under generate; take them in a trace "
+                        "(model.trace), which may sit in the same session", index, where)
+        if op == "backward" and not set(kwargs) <= {"retain_graph"}:
+            raise _fail("backward accepts only retain_graph=", index, where)
+        if op != "backward" and kwargs:
+            raise _fail(f"{op} takes no keywords", index, where)
     elif op == "getattr" and not (isinstance(args[1], str) and args[1] in ops.TENSOR_ATTRIBUTES):
         raise _fail(
             f"attribute {_show(args[1])} is not readable remotely; readable: "
@@ -137,10 +209,29 @@ def _check_node(index: int, raw: Any, paths: set[str], n_invokes: int) -> Node:
     elif op == "field" and not (isinstance(args[1], str) and args[1].isidentifier()
                                 and not args[1].startswith("_")):
         raise _fail(f"field name {_show(args[1])} is not allowed", index, where)
+    elif op in ("stop", "log") and kwargs:
+        raise _fail(f"{op} takes no keywords", index, where)
     return node
 
 
-def _check_value(value: Any, node: Node, paths: set[str], *, allow_hook: bool, depth: int) -> None:
+def _check_hook_node(node: Node, segment: Segment) -> None:
+    op, args, kwargs, index, where = node.op, node.args, node.kwargs, node.id, node.where
+    if not isinstance(args[0], HookPoint):
+        raise _fail(f"{op} needs a module hook point as first argument", index, where)
+    if op == "call_module":
+        return  # its keywords are the module's own
+    n_invokes = len(segment.invokes)
+    invoke, call = kwargs.get("invoke"), kwargs.get("call", 0)
+    if not set(kwargs) <= {"invoke", "call"} or type(invoke) is not int or not 0 <= invoke < n_invokes:
+        raise _fail(f"{node.format()}: needs invoke=<0..{n_invokes - 1}>", index, where)
+    if type(call) is not int or call < 0:
+        raise _fail(f"{node.format()}: call must be a non-negative int", index, where)
+    if args[0].point in ops.ROOT_POINTS and (args[0].module != "" or segment.mode != "generate"):
+        raise _fail(f"{args[0]} exists only on the model itself under generate", index, where)
+
+
+def _check_value(value: Any, node: Node, paths: set[str], *, hook_points: tuple[str, ...] | None,
+                 depth: int) -> None:
     where = node.where
     if depth > 32:
         raise _fail(f"arguments of node {node.id} nest too deeply", node.id, where)
@@ -158,27 +249,27 @@ def _check_value(value: Any, node: Node, paths: set[str], *, allow_hook: bool, d
                         node.id, where)
         return
     if isinstance(value, HookPoint):
-        if not allow_hook:
-            raise _fail(f"a hook point may only be the first argument of read/write (node {node.id})",
-                        node.id, where)
-        if value.point not in ops.HOOK_POINTS:
-            raise _fail(f"unknown hook point {_show(value.point)}; use one of {', '.join(ops.HOOK_POINTS)}",
-                        node.id, where)
+        if hook_points is None:
+            raise _fail(f"a hook point may only be the first argument of {'/'.join(ops.HOOK_OPS)} "
+                        f"(node {node.id})", node.id, where)
+        if value.point not in hook_points:
+            raise _fail(f"unknown hook point {_show(value.point)} for {node.op}; use one of "
+                        f"{', '.join(hook_points)}", node.id, where)
         if value.module not in paths:
             raise _fail(f"the model has no module {_show(value.module)}{_suggest(value.module, paths)}",
                         node.id, where)
         return
     if isinstance(value, (list, tuple)):
         for v in value:
-            _check_value(v, node, paths, allow_hook=False, depth=depth + 1)
+            _check_value(v, node, paths, hook_points=None, depth=depth + 1)
         return
     if isinstance(value, slice):
         for v in (value.start, value.stop, value.step):
-            _check_value(v, node, paths, allow_hook=False, depth=depth + 1)
+            _check_value(v, node, paths, hook_points=None, depth=depth + 1)
         return
     if isinstance(value, dict):
         for v in value.values():
-            _check_value(v, node, paths, allow_hook=False, depth=depth + 1)
+            _check_value(v, node, paths, hook_points=None, depth=depth + 1)
         return
     raise _fail(f"argument of type {type(value).__name__} is not allowed (node {node.id})", node.id, where)
 

@@ -1,17 +1,19 @@
-"""The executor: runs a validated `Graph` inside one forward pass of a model, like an FX interpreter.
+"""The executor: runs a validated `Graph` inside a model's forward passes, like an FX interpreter.
 
-It hooks only the modules the graph references. When a module fires, its hook point's value becomes
-available and every node that can now run does, in recording order (each node's inputs are earlier
-nodes, so one pass suffices). A `write` node replaces the value the module passes on. Once no node is
-left, the forward pass stops early: a graph that only reads layer 3 never runs layer 4. Values are
-dropped after their last use; failures are wrapped with the node and the user's line.
+A graph is a list of segments (one per trace or generate of a session) run in order over one shared
+environment, so values flow between them without leaving the server. Within a segment the executor
+hooks only the modules the graph references. Whenever a hook point fires (a module's output on its
+n-th call, its inputs, a tensor's gradient during backward), its value becomes available and every
+node that can now run does, in recording order (a node's inputs are earlier nodes, so one pass
+suffices). Once nothing is left, the forward pass stops early: a graph that only reads layer 3 never
+runs layer 4. Values are dropped once every user has run; failures name the node and the user's line.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,7 +21,7 @@ from torch import nn
 
 from farscope.interventions import ops
 from farscope.interventions.errors import FarscopeError, RemoteError
-from farscope.interventions.graph import Graph, HookPoint, Node, Ref, iter_refs, map_args
+from farscope.interventions.graph import Graph, HookPoint, Node, Ref, Segment, iter_refs, map_args
 
 from .guard import check_allocation
 
@@ -27,12 +29,15 @@ __all__ = ["Batch", "Executor"]
 
 log = logging.getLogger(__name__)
 
+_HOOKED = frozenset({"read", "write", "skip"})
+_Site = tuple[Any, ...]  # (module path, point, call) or ("grad", node id, 0)
+
 
 @dataclass
 class Batch:
-    """The model's keyword inputs for one forward pass, and the rows each invoke owns."""
+    """The model's keyword inputs for one forward pass (or generate), and the rows each invoke owns."""
 
-    inputs: dict[str, torch.Tensor]
+    inputs: dict[str, Any]
     rows: list[tuple[int, int]]  # invoke -> [start, stop)
 
     @property
@@ -41,21 +46,42 @@ class Batch:
 
 
 class _StopForward(Exception):
-    """Raised from a hook once nothing later in the forward pass is needed."""
+    """Raised from a hook once nothing later in the forward pass is needed (or a `stop` node ran)."""
+
+
+@dataclass
+class _Frame:
+    """The hook point firing now; frames nest (a backward run inside a module's hook)."""
+
+    site: _Site
+    value: Any
+    rows: list[tuple[int, int]] | None = None  # rows of invokes, when the value spans a batch
+
+
+@dataclass
+class _SegmentState:
+    segment: Segment
+    batch: Batch
+    grads: bool = False  # the segment takes gradients: activations read in it carry autograd history
+    calls: dict[tuple[str, str], int] = field(default_factory=dict)
+    skips: dict[tuple[str, int], dict[int, Any]] = field(default_factory=dict)
 
 
 class Executor:
-    def __init__(self, model: nn.Module, graph: Graph, batch: Batch,
+    def __init__(self, model: nn.Module, graph: Graph, batch_for: Callable[[Segment], Batch],
                  *, check_cancelled: Callable[[], None] | None = None,
+                 on_log: Callable[[str], None] | None = None,
                  max_tensor_bytes: int = 4 * 2**30) -> None:
-        self.max_tensor_bytes = max_tensor_bytes
         self.model = model
         self.graph = graph
-        self.batch = batch
+        self.batch_for = batch_for
         self.check_cancelled = check_cancelled
+        self.on_log = on_log or (lambda text: log.info("graph log: %s", text))
+        self.max_tensor_bytes = max_tensor_bytes
+        self.modules = dict(model.named_modules())
         self.env: dict[int, Any] = {}
         self.done: set[int] = set()
-        self.pending: list[int] = [n.id for n in graph.nodes]
+        self.pending: list[int] = []
         self.deps: list[tuple[int, ...]] = [
             tuple(sorted({r.id for r in iter_refs((n.args, n.kwargs))})) for n in graph.nodes
         ]
@@ -66,21 +92,40 @@ class Executor:
         for deps in self.deps:
             for dep in deps:
                 self.uses_left[dep] = self.uses_left.get(dep, 0) + 1
-        self.site: tuple[str, str] | None = None  # the hook point firing now
-        self.site_value: Any = None
+        # Values whose gradient a node reads or replaces: hooked when they are computed.
+        self.grad_targets = {n.args[0].id for n in graph.nodes if n.op in ("grad", "set_grad")}
+        self.grad_rows: dict[int, tuple[int, int] | None] = {}
+        self.frames: list[_Frame] = []
+        self.bypass = 0  # > 0 while a `call_module` node runs a module outside the forward pass
         self.last_write: Node | None = None
-        self.single_invoke = len(batch.rows) <= 1
+        self.state: _SegmentState | None = None
 
     # -- running -------------------------------------------------------------------------------
 
     def run(self) -> dict[int, Any]:
-        """Run the graph; returns the saved values by node id."""
-        self._run_ready()
-        handles = self._install_hooks() if self.pending else []
+        """Run every segment in order; returns the saved values by node id."""
+        for segment in self.graph.segments:
+            self._run_segment(segment)
+        return {i: self.env[i] for i in self.saved_ids if i in self.done}
+
+    def _run_segment(self, segment: Segment) -> None:
+        nodes = self.graph.nodes[segment.start:segment.stop]
+        self.pending = [n.id for n in nodes]
+        needs_forward = any(n.op in _HOOKED for n in nodes)
+        batch = self.batch_for(segment) if needs_forward else Batch({}, [])
+        grads = any(n.op == "backward" for n in nodes)
+        self.state = _SegmentState(segment, batch, grads=grads)
+        handles: list[Any] = []
+        restore: list[tuple[nn.Module, Any]] = []
         try:
-            if self.pending:
-                with torch.no_grad():
-                    self.model(**self.batch.inputs)
+            with torch.enable_grad() if grads else torch.no_grad():
+                self._run_ready()
+                if self.pending and needs_forward:
+                    handles, restore = self._install_hooks(nodes)
+                    if segment.mode == "generate":
+                        self._generate(segment)
+                    else:
+                        self.model(**batch.inputs)
         except _StopForward:
             pass
         except FarscopeError:
@@ -91,45 +136,59 @@ class Executor:
         finally:
             for handle in handles:
                 handle.remove()
-        if self.pending:
+            for module, forward in restore:
+                module.forward = forward
+            self.frames.clear()
+        if self.pending and segment.mode == "trace":
             raise self._never_ran(self.graph.nodes[self.pending[0]])
-        return {i: self.env[i] for i in self.saved_ids}
+        # Under generate, nodes of steps after the last one (generation stopped early) never run;
+        # their saved values are simply absent, which the client reports when asked for them.
+
+    def _generate(self, segment: Segment) -> None:
+        batch = self.state.batch
+        tokenizer_pad = batch.inputs.get("pad_token_id")
+        inputs = {k: v for k, v in batch.inputs.items() if k != "pad_token_id"}
+        options = dict(segment.options)
+        if tokenizer_pad is not None:
+            options.setdefault("pad_token_id", tokenizer_pad)
+        sequences = self.model.generate(**inputs, **options)
+        self._event("", "result", sequences)
 
     def _run_ready(self) -> None:
-        still: list[int] = []
-        for nid in self.pending:
-            node = self.graph.nodes[nid]
-            if not self._ready(node):
-                still.append(nid)
+        # Re-entrant: a node may run a backward pass whose gradient hooks run nodes in turn.
+        for nid in list(self.pending):
+            if nid in self.done:
                 continue
-            self._execute(node)
-        self.pending = still
+            node = self.graph.nodes[nid]
+            if self._ready(node):
+                self._execute(node)
+        self.pending = [n for n in self.pending if n not in self.done]
 
     def _ready(self, node: Node) -> bool:
         if any(dep not in self.done for dep in self.deps[node.id]):
             return False
-        if node.op in ("read", "write"):
+        op = node.op
+        if op in _HOOKED:
             hook: HookPoint = node.args[0]
-            return self.site == (hook.module, hook.point)
+            point = "skip" if op == "skip" else hook.point
+            return self._site() == (hook.module, point, node.kwargs.get("call", 0))
+        if op in ("grad", "set_grad"):
+            return self._site() == ("grad", node.args[0].id, 0)
+        if op == "stop":
+            start = self.state.segment.start
+            return all(n in self.done for n in range(start, node.id))
         return True
+
+    def _site(self) -> _Site | None:
+        return self.frames[-1].site if self.frames else None
 
     def _execute(self, node: Node) -> None:
         try:
-            if node.op == "read":
-                value = self._rows(self.site_value, node.kwargs["invoke"])
-            elif node.op == "write":
-                new = self._resolve(node.args[1])
-                self.site_value = self._write_rows(self.site_value, node.kwargs["invoke"], new)
-                self.last_write = node
-                value = None
-            else:
-                fn = ops.REGISTRY[node.op].fn
-                assert fn is not None
-                args, kwargs = self._resolve(node.args), self._resolve(node.kwargs)
-                check_allocation(node.op, args, kwargs, self.max_tensor_bytes)
-                value = fn(*args, **kwargs)
-        except FarscopeError as e:
-            if e.node_id is None:  # a limit or cancel hit while running this node: name it
+            value = self._compute(node)
+            if node.id in self.grad_targets:
+                self._hook_gradient(node, value)
+        except (FarscopeError, _StopForward) as e:
+            if isinstance(e, FarscopeError) and e.node_id is None:  # a limit or cancel: name the node
                 e.node, e.node_id, e.where = node.format(), node.id, node.where
             raise
         except Exception as e:
@@ -142,14 +201,99 @@ class Executor:
             if self.uses_left[dep] == 0 and dep not in self.saved_ids:
                 self.env.pop(dep, None)
 
+    def _compute(self, node: Node) -> Any:
+        op = node.op
+        if op == "read":
+            return self._read(node)
+        if op == "write":
+            frame = self.frames[-1]
+            frame.value = self._write_rows(frame.value, node.kwargs["invoke"], self._resolve(node.args[1]))
+            self.last_write = node
+            return None
+        if op == "skip":
+            hook: HookPoint = node.args[0]
+            key = (hook.module, node.kwargs.get("call", 0))
+            self.state.skips.setdefault(key, {})[node.kwargs["invoke"]] = self._resolve(node.args[1])
+            return None
+        if op == "grad":
+            frame = self.frames[-1]
+            return _narrow(frame.value, self.grad_rows.get(node.args[0].id))
+        if op == "set_grad":
+            frame = self.frames[-1]
+            rows = self.grad_rows.get(node.args[0].id)
+            new = self._resolve(node.args[1])
+            if rows is None:
+                frame.value = _conform(frame.value, new)
+            else:
+                out = frame.value.clone()
+                out[rows[0]:rows[1]] = _conform(out[rows[0]:rows[1]], new)
+                frame.value = out
+            return None
+        if op == "backward":
+            target = self._resolve(node.args[0])
+            if not isinstance(target, torch.Tensor) or not target.requires_grad:
+                raise ValueError("backward() needs a value computed from the model's activations inside "
+                                 "this trace (read .output/.input of a module and compute from it)")
+            target.backward(**self._resolve(node.kwargs))
+            return None
+        if op == "call_module":
+            module = self.modules[node.args[0].module]
+            args, kwargs = self._resolve(node.args[1:]), self._resolve(node.kwargs)
+            self.bypass += 1
+            try:
+                return module(*args, **kwargs)
+            finally:
+                self.bypass -= 1
+        if op == "stop":
+            # Everything recorded before it has run (see _ready); nothing after it will.
+            self.done.add(node.id)
+            self.pending = []
+            raise _StopForward
+        if op == "log":
+            self.on_log(" ".join(_show(v) for v in self._resolve(node.args)))
+            return None
+        fn = ops.REGISTRY[op].fn
+        assert fn is not None
+        args, kwargs = self._resolve(node.args), self._resolve(node.kwargs)
+        check_allocation(op, args, kwargs, self.max_tensor_bytes)
+        return fn(*args, **kwargs)
+
+    def _read(self, node: Node) -> Any:
+        frame = self.frames[-1]
+        if (node.id in self.grad_targets or self.state.grads) and isinstance(frame.value, torch.Tensor):
+            frame.value = _grad_enabled(frame.value)
+        invoke = node.kwargs["invoke"]
+        if frame.rows is None:
+            return frame.value
+        return map_args(frame.value, lambda v: _narrow(v, frame.rows[invoke], frame.rows[-1][1]))
+
+    def _hook_gradient(self, node: Node, value: Any) -> None:
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise ValueError(f".grad needs a floating-point tensor, got {type(value).__name__}")
+        target = value
+        if node.op == "read" and self.frames and self.frames[-1].rows is not None:
+            # A read narrowed to an invoke's rows is a view the model never uses: hook the whole value
+            # and hand out the invoke's rows of its gradient.
+            frame = self.frames[-1]
+            target = frame.value
+            self.grad_rows[node.id] = frame.rows[node.kwargs["invoke"]]
+        if not target.requires_grad:
+            raise ValueError("this value does not depend on the model's activations, so it has no gradient")
+        nid = node.id
+        target.register_hook(lambda grad: self._fire(("grad", nid, 0), grad.clone(), None))
+
     def _resolve(self, args: Any) -> Any:
         return map_args(args, lambda a: self.env[a.id] if isinstance(a, Ref) else a)
 
     def _never_ran(self, node: Node) -> RemoteError:
-        if node.op in ("read", "write"):
+        if node.op in _HOOKED:
             hook: HookPoint = node.args[0]
-            msg = (f"{hook} was never reached: module {hook.module or 'model'!r} did not run in this "
+            call = node.kwargs.get("call", 0)
+            which = f" (call {call})" if call else ""
+            msg = (f"{hook}{which} was never reached: module {hook.module or 'model'!r} did not run in this "
                    "forward pass, or ran before a value this node needs")
+        elif node.op in ("grad", "set_grad"):
+            msg = "this gradient was never computed: no backward() reached the value it belongs to"
         else:
             missing = [f"%{d}" for d in self.deps[node.id] if d not in self.done]
             msg = f"this node never ran: it needs {', '.join(missing)}, which never ran"
@@ -157,25 +301,28 @@ class Executor:
 
     # -- hooks ---------------------------------------------------------------------------------
 
-    def _install_hooks(self) -> list[Any]:
+    def _install_hooks(self, nodes: list[Node]) -> tuple[list[Any], list[tuple[nn.Module, Any]]]:
         points: dict[str, set[str]] = {}
-        for node in self.graph.nodes:
-            if node.op in ("read", "write"):
+        for node in nodes:
+            if node.op in _HOOKED:
                 hook: HookPoint = node.args[0]
-                points.setdefault(hook.module, set()).add(hook.point)
-        modules = dict(self.model.named_modules())
-        handles = []
+                points.setdefault(hook.module, set()).add("skip" if node.op == "skip" else hook.point)
+        handles, restore = [], []
         for path, wanted in points.items():
-            module = modules[path]
-            if wanted & {"input", "inputs"}:
-                handles.append(module.register_forward_pre_hook(self._pre_hook(path, wanted),
-                                                                with_kwargs=True))
+            module = self.modules[path]
+            if wanted & {"input", "inputs", "skip"}:
+                handles.append(module.register_forward_pre_hook(self._pre_hook(path, wanted), with_kwargs=True))
             if "output" in wanted:
                 handles.append(module.register_forward_hook(self._post_hook(path), with_kwargs=True))
-        return handles
+            if "skip" in wanted:
+                restore.append((module, module.forward))
+                module.forward = self._skipping_forward(path, module.forward)
+        return handles, restore
 
     def _pre_hook(self, path: str, wanted: set[str]) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            if "skip" in wanted:
+                self._event(path, "skip", None)
             if "inputs" in wanted:
                 args, kwargs = self._event(path, "inputs", (args, kwargs))
             if "input" in wanted:
@@ -192,38 +339,55 @@ class Executor:
             return self._event(path, "output", output)
         return hook
 
+    def _skipping_forward(self, path: str, forward: Callable[..., Any]) -> Callable[..., Any]:
+        def skipping(*args: Any, **kwargs: Any) -> Any:
+            if self.bypass:
+                return forward(*args, **kwargs)
+            call = self.state.calls.get((path, "skip"), 1) - 1  # the pre-hook counted this call
+            values = self.state.skips.pop((path, call), None)
+            if not values:
+                return forward(*args, **kwargs)
+            rows = self.state.batch.rows
+            if len(values) == len(rows):  # every invoke skips: the module does not run at all
+                if len(rows) == 1:
+                    return values[0]
+                return torch.cat([values[i] for i in range(len(rows))], dim=0)
+            output = forward(*args, **kwargs)
+            for invoke, value in values.items():
+                output = self._write_rows(output, invoke, value)
+            return output
+        return skipping
+
     def _event(self, path: str, point: str, value: Any) -> Any:
+        """Module `path` reached `point`: run what became ready; returns the value to pass on."""
+        if self.bypass:
+            return value
         if self.check_cancelled is not None:
             self.check_cancelled()
-        self.site, self.site_value = (path, point), value
-        try:
-            self._run_ready()
-            value = self.site_value
-        finally:
-            self.site, self.site_value = None, None
+        key = (path, point)
+        call = self.state.calls.get(key, 0)
+        self.state.calls[key] = call + 1
+        rows = self.state.batch.rows if len(self.state.batch.rows) > 1 else None
+        value = self._fire((path, point, call), value, rows)
         if not self.pending:
             raise _StopForward
         return value
 
+    def _fire(self, site: _Site, value: Any, rows: list[tuple[int, int]] | None) -> Any:
+        self.frames.append(_Frame(site, value, rows))
+        try:
+            self._run_ready()
+            return self.frames[-1].value
+        finally:
+            self.frames.pop()
+
     # -- invoke rows ---------------------------------------------------------------------------
 
-    def _rows(self, value: Any, invoke: int) -> Any:
-        """The part of a hook point's value that belongs to one invoke (a view, so edits land)."""
-        if self.single_invoke:
-            return value
-        start, stop = self.batch.rows[invoke]
-        size = self.batch.size
-
-        def narrow(v: Any) -> Any:
-            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == size:
-                return v.narrow(0, start, stop - start)
-            return v
-        return map_args(value, narrow)
-
     def _write_rows(self, current: Any, invoke: int, new: Any) -> Any:
-        if self.single_invoke:
+        rows = self.state.batch.rows
+        if len(rows) <= 1:
             return _conform(current, new)
-        start, stop = self.batch.rows[invoke]
+        start, stop = rows[invoke]
         if isinstance(current, torch.Tensor):
             out = current.clone()
             out[start:stop] = _conform(current[start:stop], new)
@@ -231,6 +395,23 @@ class Executor:
         if isinstance(current, tuple) and isinstance(new, tuple) and len(current) == len(new):
             return tuple(self._write_rows(c, invoke, n) for c, n in zip(current, new, strict=True))
         raise TypeError(f"cannot write a {type(new).__name__} into rows of a {type(current).__name__}")
+
+
+def _narrow(value: Any, rows: tuple[int, int] | None, size: int | None = None) -> Any:
+    """The rows of an invoke (a view, so edits land); tensors without a batch dimension pass whole."""
+    if rows is None or not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return value
+    if size is not None and value.shape[0] != size:
+        return value
+    return value.narrow(0, rows[0], rows[1] - rows[0])
+
+
+def _grad_enabled(value: torch.Tensor) -> torch.Tensor:
+    """`value`, or a copy that carries autograd history, so gradients can flow back to it."""
+    if value.requires_grad or not value.is_floating_point():
+        return value
+    # A clone of a leaf that requires grad: not itself a leaf, so in-place edits stay legal.
+    return value.detach().requires_grad_(True).clone()
 
 
 def _conform(current: Any, new: Any) -> Any:
@@ -246,3 +427,10 @@ def _conform(current: Any, new: Any) -> Any:
                                  f"with one of shape {list(new.shape)}") from None
         return new.to(dtype=current.dtype, device=current.device)
     return new
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        with torch.no_grad():
+            return repr(value.detach())
+    return str(value)

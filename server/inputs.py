@@ -27,12 +27,13 @@ def _rows_of(tokenizer: Any, value: Any) -> list[list[int]]:
     return [list(v) for v in value]
 
 
-def build_batch(model: nn.Module, tokenizer: Any, invokes: list[Any]) -> Batch:
+def build_batch(model: nn.Module, tokenizer: Any, invokes: list[Any], mode: str = "trace") -> Batch:
     """Tokenize every invoke, left-pad to one length, and record which rows each invoke owns.
 
     Left padding keeps every prompt's last token at position -1, as NNsight does. With padding, the
     attention mask hides the pads and explicit position ids start each row at 0, so a padded row
     computes what it would alone. Without padding only `input_ids` is passed: exactly a plain call.
+    Under generate, `generate` gets the attention mask (it derives position ids itself) and the pad id.
     """
     rows: list[tuple[int, int]] = []
     sequences: list[list[int]] = []
@@ -49,14 +50,16 @@ def build_batch(model: nn.Module, tokenizer: Any, invokes: list[Any]) -> Batch:
     length = max(len(s) for s in sequences)
     device = model.get_input_embeddings().weight.device
     accepted = inspect.signature(model.forward).parameters
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (length - len(s)) + s for s in sequences], device=device)
+    mask = torch.tensor([[0] * (length - len(s)) + [1] * len(s) for s in sequences], device=device)
+    if mode == "generate":
+        return Batch({"input_ids": ids, "attention_mask": mask, "pad_token_id": pad}, rows)
     # A trace is one forward pass: building a KV cache would only cost memory (and its cache object
     # would show up in every layer's kwargs).
     extra = {"use_cache": False} if "use_cache" in accepted else {}
     if all(len(s) == length for s in sequences):
-        return Batch({"input_ids": torch.tensor(sequences, device=device), **extra}, rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([[pad] * (length - len(s)) + s for s in sequences], device=device)
-    mask = torch.tensor([[0] * (length - len(s)) + [1] * len(s) for s in sequences], device=device)
+        return Batch({"input_ids": ids, **extra}, rows)
     inputs = {"input_ids": ids, "attention_mask": mask, **extra}
     if "position_ids" in accepted:
         inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)

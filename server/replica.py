@@ -11,10 +11,10 @@ from typing import Any
 
 from farscope.interventions import codec
 from farscope.interventions.errors import RemoteError
-from farscope.interventions.graph import Graph
+from farscope.interventions.graph import Graph, Segment
 
 from .attention import instrument
-from .executor import Executor
+from .executor import Batch, Executor
 from .inputs import build_batch
 from .loading import LoadedModel
 
@@ -65,11 +65,12 @@ class Replica:
     def config_json(self) -> str:
         return json.dumps(self.model.config.to_dict(), default=str, sort_keys=True)
 
-    def execute(self, graph: Graph, *, check_cancelled: Any = None) -> Results:
+    def execute(self, graph: Graph, *, check_cancelled: Any = None, on_log: Any = None) -> Results:
         start = time.perf_counter()
         with self._lock:
-            batch = build_batch(self.model, self.tokenizer, graph.invokes)
-            saved = Executor(self.model, graph, batch, check_cancelled=check_cancelled,
+            def batch_for(segment: Segment) -> Batch:
+                return build_batch(self.model, self.tokenizer, segment.invokes, segment.mode)
+            saved = Executor(self.model, graph, batch_for, check_cancelled=check_cancelled, on_log=on_log,
                              max_tensor_bytes=self.limits.max_saved_bytes).run()
         results = _encode(graph, saved)
         if results.nbytes > self.limits.max_saved_bytes:

@@ -31,7 +31,9 @@ from farscope.server.replica import Replica
 from farscope.server.service import start_server
 
 PROMPT = "When Mary and John went to the store"
-SPECIAL = frozenset({"read", "write", "save", "getattr", "field"})
+# Special ops are tested where their behaviour lives: hook points, gradients, sessions, generation.
+SPECIAL = frozenset({"read", "write", "skip", "call_module", "grad", "set_grad", "backward", "stop", "log", "save",
+                     "getattr", "field"})
 HIDDEN = 64  # the tiny models' hidden size (tests/conftest.py)
 
 _gen = torch.Generator().manual_seed(1234)
