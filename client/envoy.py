@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from farscope.interventions.graph import HookPoint
+
 from .proxy import Proxy
 from .tracing import active_tracer
 
@@ -51,6 +53,18 @@ class Envoy:
     def inputs(self) -> Proxy:
         """The module's (args, kwargs) in the current invoke (a proxy)."""
         return active_tracer(self._model).hook("read", self._path, "inputs")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Proxy:
+        """Run this module on values of the trace, out of order (the logit lens' `lm_head(norm(h))`).
+
+        The call does not trigger the trace's other interventions on this module.
+        """
+        tracer = active_tracer(self._model)
+        return tracer.record("call_module", (HookPoint(self._path, "forward"), *args), kwargs)
+
+    def skip(self, value: Any) -> None:
+        """Replace this module's output with `value` without running the module."""
+        active_tracer(self._model).hook("skip", self._path, "output", value)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _POINTS:

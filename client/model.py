@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
 from .envoy import Envoy, build_tree
 from .tokenizer import load_tokenizer
-from .tracing import Tracer
+from .tracing import Session, Tracer
 from .transport import Transport
 
 __all__ = ["RemoteModel", "DEFAULT_ADDRESS"]
@@ -25,7 +26,7 @@ class RemoteModel:
     """
 
     def __init__(self, name: str, *, address: str | None = None, api_key: str | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, on_log: Callable[[str], None] | None = None) -> None:
         self.name = name
         self.address = address or os.environ.get("FARSCOPE_ADDRESS") or DEFAULT_ADDRESS
         self._transport = Transport(self.address, api_key=api_key or os.environ.get("FARSCOPE_API_KEY"),
@@ -34,6 +35,8 @@ class RemoteModel:
         self._root = build_tree(self, [(m.path, m.class_name) for m in self._description.modules])
         self._tokenizer: Any = None
         self._config: Any = None
+        # Where `tracer.log(...)` lines go while a job runs (NNsight prints remote prints).
+        self._on_log = on_log or (lambda text: print(text, flush=True))
 
     # -- what the server told us ---------------------------------------------------------------
 
@@ -66,6 +69,26 @@ class RemoteModel:
         Without an input, batch several with `tracer.invoke(...)`.
         """
         return Tracer(self, inputs)
+
+    def generate(self, inputs: Any = None, *, max_new_tokens: int = 20, **generation_kwargs: Any) -> Tracer:
+        """`with model.generate(prompt, max_new_tokens=N) as tracer:` records interventions per step.
+
+        Interventions outside a step loop apply to the first step (the prompt's forward pass);
+        `for step in tracer.all():` or `tracer.iter[a:b]` repeat them on chosen steps.
+        `tracer.result` is the generated token ids. Keywords go to HF `generate` (greedy by default).
+        """
+        options = {"max_new_tokens": max_new_tokens, **generation_kwargs}
+        return Tracer(self, inputs, mode="generate", options=options)
+
+    def session(self) -> Session:
+        """`with model.session():` several traces in one request; values flow between them."""
+        return Session(self)
+
+    def _envoy_at(self, path: str) -> Envoy:
+        for envoy in self._root.modules():
+            if envoy.path == path:
+                return envoy
+        raise AttributeError(f"the model has no module {path!r}")
 
     # -- the module tree -----------------------------------------------------------------------
 

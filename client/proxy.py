@@ -30,12 +30,13 @@ _RESULT_FIELDS = frozenset({"values", "indices"})
 class Proxy:
     """A value inside a trace. `.save()` it to get `.value` after the trace has run."""
 
-    __slots__ = ("_tracer", "_node", "_value")
+    __slots__ = ("_tracer", "_node", "_value", "_missing")
 
     def __init__(self, tracer: Tracer, node: Node) -> None:
         object.__setattr__(self, "_tracer", tracer)
         object.__setattr__(self, "_node", node)
         object.__setattr__(self, "_value", _UNSET)
+        object.__setattr__(self, "_missing", None)
 
     # -- the public surface --------------------------------------------------------------------
 
@@ -53,13 +54,41 @@ class Proxy:
         """The value computed on the server (only for saved proxies, after the trace)."""
         if self._value is not _UNSET:
             return self._value
-        if self._tracer.is_open:
-            raise TraceError(f"%{self._node.id} has no value yet: values arrive when the trace exits")
+        if self._missing is not None:
+            raise TraceError(f"%{self._node.id} ({self._node.op}) has no value: {self._missing}")
+        if self._tracer.is_open or (self._tracer.session is not None and self._tracer.session.is_open):
+            raise TraceError(f"%{self._node.id} has no value yet: values arrive when the trace (or the "
+                             "session) exits")
         raise TraceError(f"%{self._node.id} ({self._node.op}) was not saved: call .save() on it inside "
                          "the trace to get its value back")
 
     def _set_value(self, value: Any) -> None:
         object.__setattr__(self, "_value", value)
+
+    def _set_missing(self, why: str) -> None:
+        object.__setattr__(self, "_missing", why)
+
+    def backward(self, retain_graph: bool | None = None) -> _Backward:
+        """Backpropagate from this (scalar) value inside the trace; read `.grad` of any earlier value.
+
+        Usable plainly or as `with loss.backward():` around the `.grad` reads.
+        """
+        if self._resolved or not self._tracer.is_open:
+            raise TraceError("backward() is recorded inside a trace; after it, use the saved tensors")
+        kwargs = {} if retain_graph is None else {"retain_graph": retain_graph}
+        self._tracer.record("backward", (self,), kwargs)
+        return _Backward()
+
+    @property
+    def grad(self) -> Any:
+        """This value's gradient during the trace's backward pass (writable: assign to replace it)."""
+        if self._resolved or not self._tracer.is_open:
+            return self.value.grad
+        return self._tracer.record("grad", (self,))
+
+    @grad.setter
+    def grad(self, value: Any) -> None:
+        self._tracer.record("set_grad", (self, value))
 
     @property
     def _resolved(self) -> bool:
@@ -88,6 +117,9 @@ class Proxy:
         raise TraceError(f"%{self._node.id} ({self._node.op}) is a value, not something that can be called")
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name == "grad":
+            Proxy.grad.fset(self, value)  # type: ignore[attr-defined]
+            return
         raise TraceError(f"cannot set attribute {name!r} on a proxy")
 
     def __setitem__(self, key: Any, value: Any) -> None:
@@ -153,6 +185,16 @@ class Proxy:
         return format(self.value, spec) if self._resolved else repr(self)
 
     __hash__ = object.__hash__
+
+
+class _Backward:
+    """Returned by `Proxy.backward()`, so that `with loss.backward():` reads as in NNsight."""
+
+    def __enter__(self) -> _Backward:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
 
 
 def unwrap(value: Any) -> Any:

@@ -17,16 +17,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 import farscope.interventions as _interventions
-from farscope.interventions import codec
 from farscope.interventions.errors import FarscopeError, TraceError
-from farscope.interventions.graph import Graph, HookPoint, Node, to_document
+from farscope.interventions.graph import Graph, HookPoint, Node
 
 from .proxy import Proxy, to_argument
 
 if TYPE_CHECKING:
     from .model import RemoteModel
 
-__all__ = ["Tracer", "active_tracer"]
+__all__ = ["Tracer", "Session", "Cache", "active_tracer", "innermost_tracer"]
 
 # Frames inside these folders are farscope's or torch's own; the first frame outside is the user's.
 _INTERNAL = tuple(
@@ -35,10 +34,11 @@ _INTERNAL = tuple(
 )
 
 class _OpenTracers(threading.local):
-    """Each thread's stack of open tracers: two threads tracing the same model never mix graphs."""
+    """Each thread's open tracers and sessions: two threads tracing one model never mix graphs."""
 
     def __init__(self) -> None:
         self.stack: list[Tracer] = []
+        self.sessions: list[Session] = []
 
 
 _ACTIVE = _OpenTracers()
@@ -61,32 +61,124 @@ def _describe_where(where: str) -> str:
 
 def active_tracer(model: RemoteModel) -> Tracer:
     for tracer in reversed(_ACTIVE.stack):
-        if tracer.model is model:
+        if tracer.model is model and tracer.is_open:
             return tracer
     raise TraceError("module values (.output, .input, .inputs) exist only inside `with model.trace(...)`")
 
 
-class Tracer:
-    """Records interventions on one forward pass; runs them on the server when the block exits."""
+def innermost_tracer() -> Tracer | None:
+    for tracer in reversed(_ACTIVE.stack):
+        if tracer.is_open:
+            return tracer
+    return None
 
-    session = None  # sessions (several traces in one request) come later
 
-    def __init__(self, model: RemoteModel, inputs: Any = None) -> None:
+class _Run:
+    """What runs a graph and fills the saved proxies: a lone trace, or a session of several."""
+
+    def __init__(self, model: RemoteModel) -> None:
         self.model = model
         self.graph = Graph()
+        self.saved: dict[int, Proxy] = {}
+        self.missing: dict[int, str] = {}
+
+    def execute(self) -> None:
+        try:
+            results = self.model._transport.execute(self.model.name, self.graph, on_log=self.model._on_log)
+        except FarscopeError as error:
+            raise _located(self.graph, error) from error.__cause__
+        for node_id, proxy in self.saved.items():
+            if node_id in results:
+                proxy._set_value(results[node_id])
+            else:
+                proxy._set_missing("it was never computed: its generation step was not reached (generation "
+                                   "ended early) or the forward pass stopped before it")
+
+
+class Session:
+    """`with model.session():` several traces (and generates) sent as one request.
+
+    Values of one trace can be used in later ones; they stay on the server unless saved.
+    """
+
+    def __init__(self, model: RemoteModel) -> None:
+        self.run = _Run(model)
+        self.model = model
+        self.is_open = False
+
+    def __enter__(self) -> Session:
+        if _session_of(self.model) is not None:
+            raise TraceError("sessions cannot be nested")
+        self.is_open = True
+        _ACTIVE.sessions.append(self)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        _ACTIVE.sessions.remove(self)
+        self.is_open = False
+        if exc_type is None and self.run.graph.nodes:
+            self.run.execute()
+
+
+def _session_of(model: RemoteModel) -> Session | None:
+    for session in reversed(_ACTIVE.sessions):
+        if session.model is model:
+            return session
+    return None
+
+
+class _Steps:
+    """`tracer.iter[a:b]`: generation steps to record interventions for."""
+
+    def __init__(self, tracer: Tracer) -> None:
+        self.tracer = tracer
+
+    def __getitem__(self, which: int | slice | list[int]) -> Iterator[int]:
+        total = self.tracer.steps
+        if isinstance(which, slice):
+            steps = list(range(total))[which]
+        elif isinstance(which, int):
+            steps = [which if which >= 0 else total + which]
+        else:
+            steps = [int(s) for s in which]
+        return self.tracer._over(steps)
+
+
+class Tracer:
+    """Records interventions on one forward pass (or one generate); runs them when the block exits.
+
+    Inside `model.session()`, the trace joins the session's request instead.
+    """
+
+    def __init__(self, model: RemoteModel, inputs: Any = None, *, mode: str = "trace",
+                 options: dict[str, Any] | None = None) -> None:
+        self.model = model
+        self.mode = mode
+        self.options = dict(options or {})
+        self.session = _session_of(model)
+        self._run = self.session.run if self.session is not None else _Run(model)
+        self.graph = self._run.graph
+        self.segment = None
         self.is_open = False
         self._invoke: int | None = None
-        self._implicit = inputs is not None
-        self._saved: dict[int, Proxy] = {}
-        if inputs is not None:
-            self.graph.invokes.append(_check_input(inputs))
+        self._call = 0
+        self._inputs = None if inputs is None else _check_input(inputs)
+
+    @property
+    def steps(self) -> int:
+        """How many generation steps this generate runs (1 for a trace)."""
+        return int(self.options.get("max_new_tokens", 1))
 
     # -- context -------------------------------------------------------------------------------
 
     def __enter__(self) -> Tracer:
-        self.is_open = True
-        if self._implicit:
+        if self.session is not None and any(t.session is self.session and t.is_open for t in _ACTIVE.stack):
+            raise TraceError("traces in a session run one after another; they cannot be nested")
+        self.segment = self.graph.begin(self.mode, self.options)
+        if self._inputs is not None:
+            self.segment.invokes.append(self._inputs)
             self._invoke = 0
+        self.is_open = True
         _ACTIVE.stack.append(self)
         return self
 
@@ -96,24 +188,74 @@ class Tracer:
         self._invoke = None
         if exc_type is not None:
             return
-        if not self.graph.invokes:
+        if not self.segment.invokes:
             raise TraceError("nothing to run: pass an input to model.trace(...) or use tracer.invoke(...)")
-        self._run()
+        if self.session is None:
+            self._run.execute()
 
     @contextlib.contextmanager
     def invoke(self, inputs: Any) -> Iterator[Tracer]:
         """A batch entry: interventions recorded inside apply to this input's rows only."""
-        if self._implicit:
+        if self._inputs is not None:
             raise TraceError("this trace already has an input (model.trace(input)); to batch several, "
                              "call model.trace() without one and use tracer.invoke(...) for each")
         if self._invoke is not None:
             raise TraceError("invokes cannot be nested")
-        self.graph.invokes.append(_check_input(inputs))
-        self._invoke = len(self.graph.invokes) - 1
+        self.segment.invokes.append(_check_input(inputs))
+        self._invoke = len(self.segment.invokes) - 1
         try:
             yield self
         finally:
             self._invoke = None
+
+    # -- generation steps ----------------------------------------------------------------------
+
+    def all(self) -> Iterator[int]:
+        """Every generation step: `for step in tracer.all(): ...` records the body once per step."""
+        return self._over(range(self.steps))
+
+    @property
+    def iter(self) -> _Steps:
+        """Chosen steps: `for step in tracer.iter[2:5]:` (an int, a slice or a list of steps)."""
+        return _Steps(self)
+
+    def _over(self, steps: Any) -> Iterator[int]:
+        for step in steps:
+            if not 0 <= step < self.steps:
+                raise TraceError(f"step {step} is outside this generation's {self.steps} steps")
+            self._call = step
+            try:
+                yield step
+            finally:
+                self._call = 0
+
+    @property
+    def result(self) -> Proxy:
+        """The generated token ids (prompt included, left-padded), of this invoke or of the batch."""
+        if self.mode != "generate":
+            raise TraceError("tracer.result exists under model.generate(...)")
+        return self._hook("read", "", "result", invoke=self._invoke)
+
+    # -- other interventions ---------------------------------------------------------------------
+
+    def cache(self, modules: Any = None) -> Cache:
+        """Save the output of every module (or of `modules`: envoys or paths), by module path.
+
+        Like TransformerLens' `run_with_cache`: `cache["model.layers.5"]` after the trace.
+        """
+        if modules is None:
+            chosen = [e for e in self.model.modules() if e.path and e._class_name != "AttentionHookPoint"]
+        else:
+            chosen = [self.model._envoy_at(m) if isinstance(m, str) else m for m in modules]
+        return Cache({envoy.path: envoy.output.save() for envoy in chosen})
+
+    def stop(self) -> None:
+        """End the forward pass here: nothing recorded after this line runs."""
+        self.record("stop")
+
+    def log(self, *values: Any) -> None:
+        """Print `values` on the client while the job runs (they are computed on the server)."""
+        self.record("log", values)
 
     # -- recording -----------------------------------------------------------------------------
 
@@ -128,39 +270,43 @@ class Tracer:
         return Proxy(self, node)
 
     def hook(self, op: str, module: str, point: str, value: Any = None) -> Proxy:
-        """Read (or write `value` into) a module's hook point, for the current invoke's rows."""
-        self._check_open()
+        """Read, write or skip a module's hook point, for the current invoke's rows and step."""
         if self._invoke is None:
             raise TraceError(f"{module or 'model'}.{point} is used outside an invoke: open "
                              "`with tracer.invoke(input):` first")
+        return self._hook(op, module, point, value, invoke=self._invoke)
+
+    def _hook(self, op: str, module: str, point: str, value: Any = None, *, invoke: int | None) -> Proxy:
+        self._check_open()
         args: tuple = (HookPoint(module, point),) if op == "read" else (HookPoint(module, point), value)
-        return self.record(op, args, {"invoke": self._invoke})
+        kwargs: dict[str, Any] = {"invoke": invoke}
+        if self._call:
+            kwargs["call"] = self._call
+        return self.record(op, args, kwargs)
 
     def save(self, proxy: Proxy) -> None:
         if proxy._tracer is not self:
             raise TraceError("a proxy can only be saved inside its own trace")
         self._check_open()
         save = self.record("save", (proxy,))
-        self._saved[save.node.id] = proxy
+        self._run.saved[save.node.id] = proxy
 
-    # -- running -------------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        document = codec.encode(to_document(self.graph))
-        try:
-            results = self.model._transport.execute(self.model.name, document)
-        except FarscopeError as error:
-            raise self._located(error) from error.__cause__
-        for node_id, proxy in self._saved.items():
-            proxy._set_value(results[node_id])
+class Cache(dict):
+    """Saved module outputs by module path; after the trace, items are the values."""
 
-    def _located(self, error: FarscopeError) -> FarscopeError:
-        """The error, pointing at the user's line that recorded the failing node."""
-        if error.node_id is not None and 0 <= error.node_id < len(self.graph.nodes):
-            node: Node = self.graph.nodes[error.node_id]
-            error.node = node.format()
-            error.where = _describe_where(node.where) if node.where else None
-        return error
+    def __getitem__(self, path: str) -> Any:
+        proxy = super().__getitem__(path)
+        return proxy.value if not proxy._tracer.is_open else proxy
+
+
+def _located(graph: Graph, error: FarscopeError) -> FarscopeError:
+    """The error, pointing at the user's line that recorded the failing node."""
+    if error.node_id is not None and 0 <= error.node_id < len(graph.nodes):
+        node: Node = graph.nodes[error.node_id]
+        error.node = node.format()
+        error.where = _describe_where(node.where) if node.where else None
+    return error
 
 
 def _check_input(value: Any) -> Any:

@@ -22,7 +22,7 @@ from farscope.interventions.errors import (
     TransportError,
     ValidationError,
 )
-from farscope.interventions.graph import IR_VERSION
+from farscope.interventions.graph import IR_VERSION, Graph, to_document
 from farscope.proto import farscope_pb2 as pb
 from farscope.proto import farscope_pb2_grpc as pb_grpc
 
@@ -99,9 +99,11 @@ class Transport:
                 buffer[chunk.offset:chunk.offset + len(chunk.data)] = chunk.data
         return {name: bytes(data) for name, data in files.items()}
 
-    def execute(self, model: str, document: bytes, *, ir_version: int = IR_VERSION,
-                on_event: Callable[[pb.ExecuteEvent], None] | None = None) -> Any:
-        """Send one graph document; return the decoded results (saved values by node id)."""
+    def execute(self, model: str, graph: Graph | bytes, *, ir_version: int = IR_VERSION,
+                on_event: Callable[[pb.ExecuteEvent], None] | None = None,
+                on_log: Callable[[str], None] | None = None) -> Any:
+        """Send one graph (or an encoded document); return the saved values by node id."""
+        document = graph if isinstance(graph, bytes) else codec.encode(to_document(graph))
         def requests() -> Iterator[pb.ExecuteRequest]:
             yield pb.ExecuteRequest(header=pb.RequestHeader(
                 model=model, client_version=__version__, ir_version=ir_version, graph_bytes=len(document)))
@@ -121,6 +123,8 @@ class Transport:
                     blobs[chunk.blob][chunk.offset:chunk.offset + len(chunk.data)] = chunk.data
                 elif kind == "done":
                     finished = True
+                elif kind == "log" and on_log is not None:
+                    on_log(event.log.text)
                 if on_event is not None:
                     on_event(event)
         if not finished or not blobs:

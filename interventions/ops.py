@@ -56,7 +56,7 @@ TARGET_OPS = ("grad", "set_grad", "backward")
 # Attributes that may be read off a value with the `getattr` op. Anything else is refused, so a
 # graph can never walk into `__class__`, `__globals__` or a module's internals.
 TENSOR_ATTRIBUTES = frozenset(
-    {"shape", "dtype", "ndim", "T", "mT", "H", "grad", "real", "imag", "requires_grad", "is_leaf"}
+    {"shape", "dtype", "ndim", "T", "mT", "H", "real", "imag", "requires_grad", "is_leaf"}
 )
 
 

@@ -222,7 +222,10 @@ def _check_hook_node(node: Node, segment: Segment) -> None:
         return  # its keywords are the module's own
     n_invokes = len(segment.invokes)
     invoke, call = kwargs.get("invoke"), kwargs.get("call", 0)
-    if not set(kwargs) <= {"invoke", "call"} or type(invoke) is not int or not 0 <= invoke < n_invokes:
+    # A read may span the whole batch (invoke=None), e.g. tracer.result outside an invoke.
+    whole = op == "read" and "invoke" in kwargs and invoke is None
+    if not set(kwargs) <= {"invoke", "call"} or not whole and (
+            type(invoke) is not int or not 0 <= invoke < n_invokes):
         raise _fail(f"{node.format()}: needs invoke=<0..{n_invokes - 1}>", index, where)
     if type(call) is not int or call < 0:
         raise _fail(f"{node.format()}: call must be a non-negative int", index, where)

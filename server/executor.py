@@ -263,7 +263,7 @@ class Executor:
         if (node.id in self.grad_targets or self.state.grads) and isinstance(frame.value, torch.Tensor):
             frame.value = _grad_enabled(frame.value)
         invoke = node.kwargs["invoke"]
-        if frame.rows is None:
+        if frame.rows is None or invoke is None:
             return frame.value
         return map_args(frame.value, lambda v: _narrow(v, frame.rows[invoke], frame.rows[-1][1]))
 

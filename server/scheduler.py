@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Event:
-    """Something that happened to a job: kind is queued | running | done | error."""
+    """Something that happened to a job: kind is queued | running | log | done | error."""
 
     kind: str
     position: int = 0

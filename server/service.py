@@ -29,7 +29,7 @@ from farscope.proto import farscope_pb2 as pb
 from farscope.proto import farscope_pb2_grpc as pb_grpc
 
 from .replica import Replica, Results
-from .scheduler import Job, Scheduler
+from .scheduler import Event, Job, Scheduler
 
 __all__ = ["FarscopeServicer", "Server", "start_server", "CHUNK_BYTES", "SERVICE_NAME"]
 
@@ -85,7 +85,9 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
                     raise CancelledError("the job was cancelled")
                 if time.monotonic() > deadline:
                     raise LimitError(f"the job ran longer than max_wall_seconds={limit:g}")
-            return replica.execute(job.payload, check_cancelled=check_cancelled)
+            def on_log(text: str) -> None:
+                job.emit(Event("log", result=text))
+            return replica.execute(job.payload, check_cancelled=check_cancelled, on_log=on_log)
         return run
 
     def _replica(self, name: str) -> Replica:
@@ -148,6 +150,8 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
                 yield pb.ExecuteEvent(queued=pb.Queued(job_id=job.id, position=event.position))
             elif event.kind == "running":
                 yield pb.ExecuteEvent(running=pb.Running(job_id=job.id))
+            elif event.kind == "log":
+                yield pb.ExecuteEvent(log=pb.LogLine(text=event.result))
             elif event.kind == "error":
                 error = event.error
                 if not isinstance(error, FarscopeError):

@@ -386,7 +386,6 @@ ATTRIBUTES: dict[str, Callable[[Sources], Any]] = {
     "T": lambda s: s.h[0],
     "mT": lambda s: s.h,
     "H": lambda s: s.h[0].to(torch.complex64) * CPLX,
-    "grad": lambda s: s.h,
     "real": lambda s: s.h.to(torch.complex64) * CPLX,
     "imag": lambda s: s.h.to(torch.complex64) * CPLX,
     "requires_grad": lambda s: s.h,

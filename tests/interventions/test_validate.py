@@ -374,13 +374,18 @@ def test_read_and_write_need_a_hook_point_first() -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [{"invoke": 1}, {"invoke": 2}, {"invoke": -1}, {"invoke": 10**18}, {"invoke": "0"}, {"invoke": 0.0},
-     {"invoke": None}, {}, {"invoke": 0, "extra": 1}],
+     {}, {"invoke": 0, "extra": 1}],
     ids=repr,
 )
 def test_invoke_index_must_be_in_range(kwargs: dict[str, Any]) -> None:
     error = _rejects(_doc(["read", (LAYER,), kwargs, "exp.py:3"]), r"needs invoke=<0..0>", node_id=0,
                      where="exp.py:3")
     assert "%0 = read(model.layers.0.output" in error.message
+
+
+def test_a_read_may_span_the_whole_batch_but_a_write_may_not() -> None:
+    assert _check(_doc(["read", (LAYER,), {"invoke": None}, ""])).nodes[0].kwargs == {"invoke": None}
+    _rejects(_doc(["write", (LAYER, 0), {"invoke": None}, ""]), r"needs invoke=<0..0>", node_id=0)
 
 
 def test_invoke_index_range_follows_the_number_of_invokes() -> None:
