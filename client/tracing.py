@@ -244,7 +244,10 @@ class Tracer:
         Like TransformerLens' `run_with_cache`: `cache["model.layers.5"]` after the trace.
         """
         if modules is None:
-            chosen = [e for e in self.model.modules() if e.path and e._class_name != "AttentionHookPoint"]
+            # Containers are never called, and hooking attention probabilities would switch every
+            # layer to eager attention: both are left out unless asked for by name.
+            skipped = ("ModuleList", "ModuleDict", "AttentionHookPoint")
+            chosen = [e for e in self.model.modules() if e.path and e._class_name not in skipped]
         else:
             chosen = [self.model._envoy_at(m) if isinstance(m, str) else m for m in modules]
         return Cache({envoy.path: envoy.output.save() for envoy in chosen})

@@ -96,6 +96,7 @@ class Executor:
         self.grad_targets = {n.args[0].id for n in graph.nodes if n.op in ("grad", "set_grad")}
         self.grad_rows: dict[int, tuple[int, int] | None] = {}
         self.frames: list[_Frame] = []
+        self.running: set[int] = set()  # nodes under way (a backward node while its gradient hooks run)
         self.bypass = 0  # > 0 while a `call_module` node runs a module outside the forward pass
         self.last_write: Node | None = None
         self.state: _SegmentState | None = None
@@ -157,7 +158,7 @@ class Executor:
     def _run_ready(self) -> None:
         # Re-entrant: a node may run a backward pass whose gradient hooks run nodes in turn.
         for nid in list(self.pending):
-            if nid in self.done:
+            if nid in self.done or nid in self.running:
                 continue
             node = self.graph.nodes[nid]
             if self._ready(node):
@@ -183,6 +184,7 @@ class Executor:
         return self.frames[-1].site if self.frames else None
 
     def _execute(self, node: Node) -> None:
+        self.running.add(node.id)
         try:
             value = self._compute(node)
             if node.id in self.grad_targets:
@@ -194,6 +196,8 @@ class Executor:
         except Exception as e:
             raise RemoteError(f"{type(e).__name__}: {e}", node=node.format(), node_id=node.id,
                               where=node.where) from e
+        finally:
+            self.running.discard(node.id)
         self.env[node.id] = value
         self.done.add(node.id)
         for dep in self.deps[node.id]:
