@@ -9,6 +9,7 @@ from farscope.interventions.errors import (
     RemoteError,
     TraceError,
     TransportError,
+    UploadMissingError,
     ValidationError,
     VersionError,
 )
@@ -33,4 +34,5 @@ __all__ = [
     "LimitError",
     "CancelledError",
     "TransportError",
+    "UploadMissingError",
 ]

@@ -20,6 +20,7 @@ from farscope.interventions.errors import (
     FarscopeError,
     LimitError,
     TransportError,
+    UploadMissingError,
     ValidationError,
 )
 from farscope.interventions.graph import IR_VERSION, Graph, to_document
@@ -77,6 +78,8 @@ class Transport:
             ("grpc.max_send_message_length", 8 * CHUNK_BYTES),
         ])
         self._stub = pb_grpc.FarscopeStub(self._channel)
+        self.uploaded: set[str] = set()  # digests of large tensors this server has received
+        self.last_request_bytes = 0
 
     def close(self) -> None:
         self._channel.close()
@@ -102,8 +105,31 @@ class Transport:
     def execute(self, model: str, graph: Graph | bytes, *, ir_version: int = IR_VERSION,
                 on_event: Callable[[pb.ExecuteEvent], None] | None = None,
                 on_log: Callable[[str], None] | None = None) -> Any:
-        """Send one graph (or an encoded document); return the saved values by node id."""
-        document = graph if isinstance(graph, bytes) else codec.encode(to_document(graph))
+        """Send one graph (or an encoded document); return the saved values by node id.
+
+        Large tensors this server already received travel by digest; if it has evicted one, the
+        request is sent once more with everything inline.
+        """
+        if isinstance(graph, bytes):
+            return self._execute(model, graph, ir_version, on_event, on_log)
+        for attempt in range(2):
+            sent: set[str] = set()
+            document = codec.encode(to_document(graph), known=self.uploaded, sent=sent)
+            try:
+                results = self._execute(model, document, ir_version, on_event, on_log)
+            except UploadMissingError:
+                if attempt:
+                    raise
+                self.uploaded.clear()
+                continue
+            self.uploaded |= sent
+            return results
+        raise AssertionError("unreachable")
+
+    def _execute(self, model: str, document: bytes, ir_version: int,
+                 on_event: Callable[[pb.ExecuteEvent], None] | None,
+                 on_log: Callable[[str], None] | None) -> Any:
+        self.last_request_bytes = len(document)
         def requests() -> Iterator[pb.ExecuteRequest]:
             yield pb.ExecuteRequest(header=pb.RequestHeader(
                 model=model, client_version=__version__, ir_version=ir_version, graph_bytes=len(document)))

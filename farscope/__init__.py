@@ -20,6 +20,7 @@ from farscope.client import (
     TraceError,
     Tracer,
     TransportError,
+    UploadMissingError,
     ValidationError,
     VersionError,
 )
@@ -40,4 +41,5 @@ __all__ = [
     "LimitError",
     "CancelledError",
     "TransportError",
+    "UploadMissingError",
 ]

@@ -21,6 +21,7 @@ Extension codes (payloads are msgpack themselves):
                  a KV cache inside a module's kwargs, shown for what it is instead of failing the job
    12 Record     [type name, map]: a model output (`CausalLMOutputWithPast`); decodes to a dict whose
                  keys also read as attributes, so `out.logits` works after the trace
+   13 Uploaded   [digest, dtype, shape] (requests): a large tensor the server already holds (uploads.py)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 
 from .errors import ValidationError
 from .graph import HookPoint, Ref
+from .uploads import UPLOAD_THRESHOLD, UploadStore, digest
 
 __all__ = [
     "DTYPES",
@@ -49,7 +51,8 @@ __all__ = [
     "Record",
 ]
 
-_REF, _TENSOR, _SLICE, _ELLIPSIS, _DTYPE, _TUPLE, _HOOK, _BLOB, _SIZE, _NAMED, _OPAQUE, _RECORD = range(1, 13)
+(_REF, _TENSOR, _SLICE, _ELLIPSIS, _DTYPE, _TUPLE, _HOOK, _BLOB, _SIZE, _NAMED, _OPAQUE, _RECORD,
+ _UPLOADED) = range(1, 14)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -147,8 +150,11 @@ def _short_repr(obj: Any) -> str:
 
 
 class _Encoder:
-    def __init__(self, blobs: list[memoryview] | None) -> None:
+    def __init__(self, blobs: list[memoryview] | None, known: set[str] | None = None,
+                 sent: set[str] | None = None) -> None:
         self.blobs = blobs  # None: tensors inline
+        self.known = known  # digests the server holds: large tensors go by digest
+        self.sent = sent  # digests of large tensors sent inline by this document
 
     def default(self, obj: Any) -> msgpack.ExtType:
         pack = self.pack
@@ -161,7 +167,14 @@ class _Encoder:
                 obj = obj.to_dense()
             meta = [_DTYPE_NAMES[obj.dtype], list(obj.shape)]
             if self.blobs is None:
-                return msgpack.ExtType(_TENSOR, pack([*meta, bytes(tensor_bytes(obj))]))
+                data = tensor_bytes(obj)
+                if self.known is not None and data.nbytes >= UPLOAD_THRESHOLD:
+                    key = digest(meta[0], meta[1], data)
+                    if key in self.known:
+                        return msgpack.ExtType(_UPLOADED, pack([key, *meta]))
+                    if self.sent is not None:
+                        self.sent.add(key)
+                return msgpack.ExtType(_TENSOR, pack([*meta, bytes(data)]))
             self.blobs.append(tensor_bytes(obj))
             return msgpack.ExtType(_BLOB, pack([*meta, len(self.blobs) - 1]))
         if isinstance(obj, torch.Size):
@@ -203,8 +216,9 @@ class _Encoder:
 
 
 class _Decoder:
-    def __init__(self, blobs: list[Any] | None) -> None:
+    def __init__(self, blobs: list[Any] | None, uploads: UploadStore | None = None) -> None:
         self.blobs = blobs
+        self.uploads = uploads
         self.depth = 0
 
     def unpack(self, data: bytes) -> Any:
@@ -223,7 +237,7 @@ class _Decoder:
             self.depth -= 1
 
     def ext_hook(self, code: int, data: bytes) -> Any:
-        if not _REF <= code <= _RECORD:
+        if not _REF <= code <= _UPLOADED:
             raise ValidationError(f"unknown extension type {code}")
         if code == _ELLIPSIS:
             return Ellipsis
@@ -235,7 +249,20 @@ class _Decoder:
         if code == _TENSOR:
             if not isinstance(payload, list) or len(payload) != 3 or not isinstance(payload[2], bytes):
                 raise ValidationError("tensor must be [dtype, shape, bytes]")
-            return tensor_from_bytes(*payload)
+            tensor = tensor_from_bytes(*payload)
+            if self.uploads is not None and len(payload[2]) >= UPLOAD_THRESHOLD:
+                self.uploads.put(digest(payload[0], payload[1], payload[2]), tensor)
+            return tensor
+        if code == _UPLOADED:
+            if not (isinstance(payload, list) and len(payload) == 3 and isinstance(payload[0], str)):
+                raise ValidationError("uploaded tensor must be [digest, dtype, shape]")
+            if self.uploads is None:
+                raise ValidationError("uploaded tensors are only valid in requests to a server")
+            tensor = self.uploads.get(payload[0])
+            dtype, shape = payload[1], payload[2]
+            if dtype not in DTYPES or tensor.dtype != DTYPES[dtype] or list(tensor.shape) != shape:
+                raise ValidationError(f"upload {payload[0][:16]}… does not have dtype {dtype} and shape {shape}")
+            return tensor
         if code == _BLOB:
             if self.blobs is None:
                 raise ValidationError("blob references are only valid in results")
@@ -286,15 +313,19 @@ class _Decoder:
         raise ValidationError(f"unknown extension type {code}")
 
 
-def encode(obj: Any) -> bytes:
-    """A msgpack document with tensors inline (requests)."""
-    return _Encoder(None).pack(obj)
+def encode(obj: Any, *, known: set[str] | None = None, sent: set[str] | None = None) -> bytes:
+    """A request document. Large tensors whose digest is in `known` go by digest; the digests of
+    large tensors sent inline are added to `sent` (see uploads.py)."""
+    return _Encoder(None, known, sent).pack(obj)
 
 
-def decode(data: bytes) -> Any:
-    """Decode a request document; any malformation raises `ValidationError`, never anything else."""
+def decode(data: bytes, *, uploads: UploadStore | None = None) -> Any:
+    """Decode a request document; any malformation raises `ValidationError`, never anything else.
+
+    With `uploads`, large inline tensors are kept there and tensors sent by digest taken from it.
+    """
     try:
-        return _Decoder(None).unpack(data)
+        return _Decoder(None, uploads).unpack(data)
     except ValidationError:
         raise
     except RecursionError:

@@ -3,7 +3,8 @@
     FarscopeError                  base: catch this to catch everything farscope raises
     ├── TraceError                 client side: something cannot be recorded (bool() of a proxy, ...)
     ├── ValidationError            the request was rejected before it touched a model
-    │   └── VersionError           the server cannot read this client's graph IR / protocol version
+    │   ├── VersionError           the server cannot read this client's graph IR / protocol version
+    │   └── UploadMissingError     a tensor sent by digest is not held by the server (client resends)
     ├── ModelNotFoundError         no model of that name is served
     ├── RemoteError                the graph failed while it ran on the server (shape errors, ...)
     ├── AuthError                  missing or wrong credentials, or not allowed to use that model
@@ -23,6 +24,7 @@ __all__ = [
     "TraceError",
     "ValidationError",
     "VersionError",
+    "UploadMissingError",
     "ModelNotFoundError",
     "RemoteError",
     "AuthError",
@@ -80,6 +82,10 @@ class VersionError(ValidationError):
     """Client and server speak different graph IR or protocol versions."""
 
 
+class UploadMissingError(ValidationError):
+    """The request names an upload by digest that this server does not hold (any more)."""
+
+
 class ModelNotFoundError(FarscopeError):
     """The server serves no model of that name."""
 
@@ -108,6 +114,7 @@ class TransportError(FarscopeError):
 STATUS_OF: dict[type[FarscopeError], str] = {
     ValidationError: "INVALID_ARGUMENT",
     VersionError: "FAILED_PRECONDITION",
+    UploadMissingError: "FAILED_PRECONDITION",
     ModelNotFoundError: "NOT_FOUND",
     RemoteError: "ABORTED",
     AuthError: "UNAUTHENTICATED",
@@ -124,6 +131,7 @@ ERROR_CLASSES: dict[str, type[FarscopeError]] = {
         TraceError,
         ValidationError,
         VersionError,
+        UploadMissingError,
         ModelNotFoundError,
         RemoteError,
         AuthError,

@@ -24,6 +24,7 @@ from farscope.interventions.errors import (
     ValidationError,
     VersionError,
 )
+from farscope.interventions.uploads import UploadStore
 from farscope.interventions.validate import SUPPORTED_IR_VERSIONS, GraphLimits, validate
 from farscope.proto import farscope_pb2 as pb
 from farscope.proto import farscope_pb2_grpc as pb_grpc
@@ -58,7 +59,8 @@ def _abort(context: grpc.ServicerContext, error: FarscopeError) -> None:
 
 
 class FarscopeServicer(pb_grpc.FarscopeServicer):
-    def __init__(self, replicas: dict[str, Replica]) -> None:
+    def __init__(self, replicas: dict[str, Replica], *, upload_bytes: int = 1 << 30) -> None:
+        self.uploads = UploadStore(upload_bytes)  # content-addressed, so shared by all users safely
         self.replicas: dict[str, Replica] = {}
         self.schedulers: dict[str, Scheduler] = {}
         for replica in replicas.values():
@@ -191,7 +193,7 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
             parts.append(message.graph_chunk)
         if size != header.graph_bytes:
             raise ValidationError(f"the header announced {header.graph_bytes} graph bytes, {size} arrived")
-        document = codec.decode(b"".join(parts))
+        document = codec.decode(b"".join(parts), uploads=self.uploads)
         limits = GraphLimits(max_nodes=replica.limits.max_nodes)
         return replica, validate(document, module_paths=replica.module_paths, limits=limits)
 
@@ -229,7 +231,7 @@ class Server:
 
 
 def start_server(replicas: dict[str, Replica], *, host: str = "127.0.0.1", port: int = 0,
-                 max_workers: int = 32, serving: bool = True) -> Server:
+                 max_workers: int = 32, serving: bool = True, upload_bytes: int = 1 << 30) -> Server:
     """Start serving `replicas` on host:port (0 picks a free port).
 
     With `serving=False` the health service says NOT_SERVING until `set_serving()`: a server can bind
@@ -240,7 +242,7 @@ def start_server(replicas: dict[str, Replica], *, host: str = "127.0.0.1", port:
         options=[("grpc.max_receive_message_length", 8 * CHUNK_BYTES),
                  ("grpc.max_send_message_length", 8 * CHUNK_BYTES)],
     )
-    servicer = FarscopeServicer(replicas)
+    servicer = FarscopeServicer(replicas, upload_bytes=upload_bytes)
     pb_grpc.add_FarscopeServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
