@@ -7,7 +7,9 @@ httpcore's exceptions at one boundary), chained with `from`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import grpc
@@ -105,54 +107,124 @@ class Transport:
     def execute(self, model: str, graph: Graph | bytes, *, ir_version: int = IR_VERSION,
                 on_event: Callable[[pb.ExecuteEvent], None] | None = None,
                 on_log: Callable[[str], None] | None = None) -> Any:
-        """Send one graph (or an encoded document); return the saved values by node id.
+        """Send one graph (or an encoded document), wait, and return the saved values by node id."""
+        def call(document: bytes) -> Any:
+            events = self._stub.Execute(self._requests(model, document, ir_version), metadata=self._metadata,
+                                        timeout=self.timeout)
+            return self._results(_Progress(on_event, on_log).over(events))
+        return self._with_uploads(graph, call)
 
-        Large tensors this server already received travel by digest; if it has evicted one, the
-        request is sent once more with everything inline.
-        """
+    def submit(self, model: str, graph: Graph, *, ir_version: int = IR_VERSION) -> str:
+        """Queue a graph; returns its job id at once."""
+        def call(document: bytes) -> str:
+            reply = self._stub.Submit(self._requests(model, document, ir_version), metadata=self._metadata,
+                                      timeout=self.timeout)
+            return reply.job_id
+        return self._with_uploads(graph, call)
+
+    def watch(self, job_id: str, *, on_event: Callable[[pb.ExecuteEvent], None] | None = None,
+              on_log: Callable[[str], None] | None = None) -> None:
+        """Follow a job's events until it finishes; raises its error if it failed."""
+        with _mapped():
+            events = self._stub.Watch(pb.JobRequest(job_id=job_id), metadata=self._metadata)
+            for _ in _Progress(on_event, on_log).over(events):
+                pass
+
+    def fetch(self, job_id: str) -> Any:
+        """A finished job's saved values by node id, from any connection until the job's TTL."""
+        with _mapped():
+            return self._results(self._stub.Fetch(pb.JobRequest(job_id=job_id), metadata=self._metadata,
+                                                  timeout=self.timeout))
+
+    def cancel(self, job_id: str) -> str:
+        with _mapped():
+            return self._stub.Cancel(pb.JobRequest(job_id=job_id), metadata=self._metadata,
+                                     timeout=self.timeout).state
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _with_uploads(self, graph: Graph | bytes, call: Callable[[bytes], Any]) -> Any:
+        """Large tensors this server already received travel by digest; if it has evicted one, the
+        request is sent once more with everything inline."""
         if isinstance(graph, bytes):
-            return self._execute(model, graph, ir_version, on_event, on_log)
+            self.last_request_bytes = len(graph)
+            with _mapped():
+                return call(graph)
         for attempt in range(2):
             sent: set[str] = set()
             document = codec.encode(to_document(graph), known=self.uploaded, sent=sent)
+            self.last_request_bytes = len(document)
             try:
-                results = self._execute(model, document, ir_version, on_event, on_log)
+                with _mapped():
+                    result = call(document)
             except UploadMissingError:
                 if attempt:
                     raise
                 self.uploaded.clear()
                 continue
             self.uploaded |= sent
-            return results
+            return result
         raise AssertionError("unreachable")
 
-    def _execute(self, model: str, document: bytes, ir_version: int,
-                 on_event: Callable[[pb.ExecuteEvent], None] | None,
-                 on_log: Callable[[str], None] | None) -> Any:
-        self.last_request_bytes = len(document)
-        def requests() -> Iterator[pb.ExecuteRequest]:
-            yield pb.ExecuteRequest(header=pb.RequestHeader(
-                model=model, client_version=__version__, ir_version=ir_version, graph_bytes=len(document)))
-            view = memoryview(document)
-            for offset in range(0, len(document), CHUNK_BYTES):
-                yield pb.ExecuteRequest(graph_chunk=view[offset:offset + CHUNK_BYTES].tobytes())
+    @staticmethod
+    def _requests(model: str, document: bytes, ir_version: int) -> Iterator[pb.ExecuteRequest]:
+        yield pb.ExecuteRequest(header=pb.RequestHeader(
+            model=model, client_version=__version__, ir_version=ir_version, graph_bytes=len(document)))
+        view = memoryview(document)
+        for offset in range(0, len(document), CHUNK_BYTES):
+            yield pb.ExecuteRequest(graph_chunk=view[offset:offset + CHUNK_BYTES].tobytes())
 
+    @staticmethod
+    def _results(events: Iterable[pb.ExecuteEvent]) -> Any:
         blobs: list[bytearray] = []
         finished = False
-        with _mapped():
-            for event in self._stub.Execute(requests(), metadata=self._metadata, timeout=self.timeout):
-                kind = event.WhichOneof("event")
-                if kind == "result":
-                    blobs = [bytearray(size) for size in event.result.blob_sizes]
-                elif kind == "chunk":
-                    chunk = event.chunk
-                    blobs[chunk.blob][chunk.offset:chunk.offset + len(chunk.data)] = chunk.data
-                elif kind == "done":
-                    finished = True
-                elif kind == "log" and on_log is not None:
-                    on_log(event.log.text)
-                if on_event is not None:
-                    on_event(event)
+        for event in events:
+            kind = event.WhichOneof("event")
+            if kind == "result":
+                blobs = [bytearray(size) for size in event.result.blob_sizes]
+            elif kind == "chunk":
+                chunk = event.chunk
+                blobs[chunk.blob][chunk.offset:chunk.offset + len(chunk.data)] = chunk.data
+            elif kind == "done":
+                finished = True
         if not finished or not blobs:
             raise TransportError("the server closed the result stream before the job finished")
         return codec.decode_results(bytes(blobs[0]), blobs[1:])
+
+
+class _Progress:
+    """Passes events through, printing log lines and showing a progress bar for slow generations."""
+
+    def __init__(self, on_event: Callable[[pb.ExecuteEvent], None] | None,
+                 on_log: Callable[[str], None] | None, *, after: float = 1.0) -> None:
+        self.on_event = on_event
+        self.on_log = on_log
+        self.after = after
+        self.bar: Any = None
+        self.started = time.monotonic()
+
+    def over(self, events: Iterable[pb.ExecuteEvent]) -> Iterator[pb.ExecuteEvent]:
+        try:
+            for event in events:
+                kind = event.WhichOneof("event")
+                if kind == "log" and self.on_log is not None:
+                    self.on_log(event.log.text)
+                elif kind == "progress":
+                    self._progress(event.progress)
+                if self.on_event is not None:
+                    self.on_event(event)
+                yield event
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+
+    def _progress(self, progress: pb.Progress) -> None:
+        if self.bar is None:
+            if time.monotonic() - self.started < self.after or os.environ.get("FARSCOPE_PROGRESS") == "0":
+                return
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=progress.total, desc=f"farscope job {progress.job_id[:8]}", unit="step",
+                            leave=False)
+        self.bar.n = progress.step
+        self.bar.refresh()

@@ -6,6 +6,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class JobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class JobState(_message.Message):
+    __slots__ = ("job_id", "state")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    state: str
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
+
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -130,6 +144,16 @@ class Done(_message.Message):
     run_seconds: float
     def __init__(self, job_id: _Optional[str] = ..., run_seconds: _Optional[float] = ...) -> None: ...
 
+class Progress(_message.Message):
+    __slots__ = ("job_id", "step", "total")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    step: int
+    total: int
+    def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
+
 class LogLine(_message.Message):
     __slots__ = ("text",)
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -137,17 +161,19 @@ class LogLine(_message.Message):
     def __init__(self, text: _Optional[str] = ...) -> None: ...
 
 class ExecuteEvent(_message.Message):
-    __slots__ = ("queued", "running", "result", "chunk", "done", "log")
+    __slots__ = ("queued", "running", "result", "chunk", "done", "log", "progress")
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     LOG_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     queued: Queued
     running: Running
     result: ResultHeader
     chunk: ResultChunk
     done: Done
     log: LogLine
-    def __init__(self, queued: _Optional[_Union[Queued, _Mapping]] = ..., running: _Optional[_Union[Running, _Mapping]] = ..., result: _Optional[_Union[ResultHeader, _Mapping]] = ..., chunk: _Optional[_Union[ResultChunk, _Mapping]] = ..., done: _Optional[_Union[Done, _Mapping]] = ..., log: _Optional[_Union[LogLine, _Mapping]] = ...) -> None: ...
+    progress: Progress
+    def __init__(self, queued: _Optional[_Union[Queued, _Mapping]] = ..., running: _Optional[_Union[Running, _Mapping]] = ..., result: _Optional[_Union[ResultHeader, _Mapping]] = ..., chunk: _Optional[_Union[ResultChunk, _Mapping]] = ..., done: _Optional[_Union[Done, _Mapping]] = ..., log: _Optional[_Union[LogLine, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ...) -> None: ...

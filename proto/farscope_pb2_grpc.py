@@ -54,6 +54,26 @@ class FarscopeStub:
                 request_serializer=farscope_dot_proto_dot_farscope__pb2.ExecuteRequest.SerializeToString,
                 response_deserializer=farscope_dot_proto_dot_farscope__pb2.ExecuteEvent.FromString,
                 _registered_method=True)
+        self.Submit = channel.stream_unary(
+                '/farscope.v1.Farscope/Submit',
+                request_serializer=farscope_dot_proto_dot_farscope__pb2.ExecuteRequest.SerializeToString,
+                response_deserializer=farscope_dot_proto_dot_farscope__pb2.Queued.FromString,
+                _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/farscope.v1.Farscope/Watch',
+                request_serializer=farscope_dot_proto_dot_farscope__pb2.JobRequest.SerializeToString,
+                response_deserializer=farscope_dot_proto_dot_farscope__pb2.ExecuteEvent.FromString,
+                _registered_method=True)
+        self.Fetch = channel.unary_stream(
+                '/farscope.v1.Farscope/Fetch',
+                request_serializer=farscope_dot_proto_dot_farscope__pb2.JobRequest.SerializeToString,
+                response_deserializer=farscope_dot_proto_dot_farscope__pb2.ExecuteEvent.FromString,
+                _registered_method=True)
+        self.Cancel = channel.unary_unary(
+                '/farscope.v1.Farscope/Cancel',
+                request_serializer=farscope_dot_proto_dot_farscope__pb2.JobRequest.SerializeToString,
+                response_deserializer=farscope_dot_proto_dot_farscope__pb2.JobState.FromString,
+                _registered_method=True)
 
 
 class FarscopeServicer:
@@ -82,6 +102,35 @@ class FarscopeServicer:
 
     def Execute(self, request_iterator, context):
         """Run one intervention graph: events (queued, running, ...) then the results, streamed.
+        The same as Submit, then Watch, then Fetch, on one call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Submit(self, request_iterator, context):
+        """Queue one intervention graph; returns its job id at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Watch(self, request, context):
+        """A job's events (replayed from the start, then live) until it is done or fails.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Fetch(self, request, context):
+        """A finished job's results (result header, chunks, done), from any connection, until its TTL.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Cancel(self, request, context):
+        """Cancel a job: a queued one never runs; a running one stops at its next hook or step.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -109,6 +158,26 @@ def add_FarscopeServicer_to_server(servicer, server):
                     servicer.Execute,
                     request_deserializer=farscope_dot_proto_dot_farscope__pb2.ExecuteRequest.FromString,
                     response_serializer=farscope_dot_proto_dot_farscope__pb2.ExecuteEvent.SerializeToString,
+            ),
+            'Submit': grpc.stream_unary_rpc_method_handler(
+                    servicer.Submit,
+                    request_deserializer=farscope_dot_proto_dot_farscope__pb2.ExecuteRequest.FromString,
+                    response_serializer=farscope_dot_proto_dot_farscope__pb2.Queued.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=farscope_dot_proto_dot_farscope__pb2.JobRequest.FromString,
+                    response_serializer=farscope_dot_proto_dot_farscope__pb2.ExecuteEvent.SerializeToString,
+            ),
+            'Fetch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Fetch,
+                    request_deserializer=farscope_dot_proto_dot_farscope__pb2.JobRequest.FromString,
+                    response_serializer=farscope_dot_proto_dot_farscope__pb2.ExecuteEvent.SerializeToString,
+            ),
+            'Cancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cancel,
+                    request_deserializer=farscope_dot_proto_dot_farscope__pb2.JobRequest.FromString,
+                    response_serializer=farscope_dot_proto_dot_farscope__pb2.JobState.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +288,114 @@ class Farscope:
             '/farscope.v1.Farscope/Execute',
             farscope_dot_proto_dot_farscope__pb2.ExecuteRequest.SerializeToString,
             farscope_dot_proto_dot_farscope__pb2.ExecuteEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Submit(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/farscope.v1.Farscope/Submit',
+            farscope_dot_proto_dot_farscope__pb2.ExecuteRequest.SerializeToString,
+            farscope_dot_proto_dot_farscope__pb2.Queued.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/farscope.v1.Farscope/Watch',
+            farscope_dot_proto_dot_farscope__pb2.JobRequest.SerializeToString,
+            farscope_dot_proto_dot_farscope__pb2.ExecuteEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/farscope.v1.Farscope/Fetch',
+            farscope_dot_proto_dot_farscope__pb2.JobRequest.SerializeToString,
+            farscope_dot_proto_dot_farscope__pb2.ExecuteEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/farscope.v1.Farscope/Cancel',
+            farscope_dot_proto_dot_farscope__pb2.JobRequest.SerializeToString,
+            farscope_dot_proto_dot_farscope__pb2.JobState.FromString,
             options,
             channel_credentials,
             insecure,

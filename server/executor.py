@@ -71,7 +71,9 @@ class Executor:
     def __init__(self, model: nn.Module, graph: Graph, batch_for: Callable[[Segment], Batch],
                  *, check_cancelled: Callable[[], None] | None = None,
                  on_log: Callable[[str], None] | None = None,
+                 on_progress: Callable[[int, int], None] | None = None,
                  max_tensor_bytes: int = 4 * 2**30) -> None:
+        self.on_progress = on_progress
         self.model = model
         self.graph = graph
         self.batch_for = batch_for
@@ -95,6 +97,16 @@ class Executor:
         # Values whose gradient a node reads or replaces: hooked when they are computed.
         self.grad_targets = {n.args[0].id for n in graph.nodes if n.op in ("grad", "set_grad")}
         self.grad_rows: dict[int, tuple[int, int] | None] = {}
+        # A `.grad` read (or assignment) recorded after a `backward()` belongs to the latest one: with
+        # several backward passes (one per invoke), it must not take an earlier pass's gradient.
+        self.grad_owner: dict[int, int] = {}
+        for segment in graph.segments:
+            owner = None
+            for n in graph.nodes[segment.start:segment.stop]:
+                if n.op == "backward":
+                    owner = n.id
+                elif n.op in ("grad", "set_grad") and owner is not None:
+                    self.grad_owner[n.id] = owner
         self.frames: list[_Frame] = []
         self.running: set[int] = set()  # nodes under way (a backward node while its gradient hooks run)
         self.bypass = 0  # > 0 while a `call_module` node runs a module outside the forward pass
@@ -123,6 +135,8 @@ class Executor:
                 self._run_ready()
                 if self.pending and needs_forward:
                     handles, restore = self._install_hooks(nodes)
+                    if self.on_progress is not None:
+                        handles.append(self.model.register_forward_hook(self._progress_hook(segment)))
                     if segment.mode == "generate":
                         self._generate(segment)
                     else:
@@ -174,7 +188,8 @@ class Executor:
             point = "skip" if op == "skip" else hook.point
             return self._site() == (hook.module, point, node.kwargs.get("call", 0))
         if op in ("grad", "set_grad"):
-            return self._site() == ("grad", node.args[0].id, 0)
+            owner = self.grad_owner.get(node.id)
+            return self._site() == ("grad", node.args[0].id, 0) and (owner is None or owner in self.running)
         if op == "stop":
             start = self.state.segment.start
             return all(n in self.done for n in range(start, node.id))
@@ -322,6 +337,19 @@ class Executor:
                 restore.append((module, module.forward))
                 module.forward = self._skipping_forward(path, module.forward)
         return handles, restore
+
+    def _progress_hook(self, segment: Segment) -> Callable[..., Any]:
+        total = int(segment.options.get("max_new_tokens", 1))
+        steps = [0]
+
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if self.bypass:
+                return
+            steps[0] += 1
+            self.on_progress(steps[0], total)
+            if self.check_cancelled is not None:  # generation steps end here: stop between them too
+                self.check_cancelled()
+        return hook
 
     def _pre_hook(self, path: str, wanted: set[str]) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

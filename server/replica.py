@@ -65,13 +65,14 @@ class Replica:
     def config_json(self) -> str:
         return json.dumps(self.model.config.to_dict(), default=str, sort_keys=True)
 
-    def execute(self, graph: Graph, *, check_cancelled: Any = None, on_log: Any = None) -> Results:
+    def execute(self, graph: Graph, *, check_cancelled: Any = None, on_log: Any = None,
+                on_progress: Any = None) -> Results:
         start = time.perf_counter()
         with self._lock:
             def batch_for(segment: Segment) -> Batch:
                 return build_batch(self.model, self.tokenizer, segment.invokes, segment.mode)
             saved = Executor(self.model, graph, batch_for, check_cancelled=check_cancelled, on_log=on_log,
-                             max_tensor_bytes=self.limits.max_saved_bytes).run()
+                             on_progress=on_progress, max_tensor_bytes=self.limits.max_saved_bytes).run()
         results = _encode(graph, saved)
         if results.nbytes > self.limits.max_saved_bytes:
             from farscope.interventions.errors import LimitError

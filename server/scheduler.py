@@ -1,81 +1,104 @@
-"""Jobs and the queue in front of one model replica. No torch here: the scheduler only decides order."""
+"""The queue in front of one model replica: fair between users. No torch: it only decides order.
+
+Each user has a FIFO of jobs; the worker takes the users in turn (round robin), so one user's hundred
+queued jobs delay another user's one job by at most one job each.
+"""
 
 from __future__ import annotations
 
-import itertools
 import logging
-import queue
 import threading
-import time
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Job", "Event", "Scheduler"]
+from farscope.interventions.errors import CancelledError, FarscopeError
+
+from .jobs import Event, Job
+
+__all__ = ["Scheduler", "Event", "Job"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Event:
-    """Something that happened to a job: kind is queued | running | log | done | error."""
-
-    kind: str
-    position: int = 0
-    result: Any = None
-    error: BaseException | None = None
-
-
-@dataclass
-class Job:
-    model: str
-    payload: Any  # what the replica runs (a validated graph)
-    id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
-    submitted: float = field(default_factory=time.monotonic)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    _events: queue.Queue = field(default_factory=queue.Queue, repr=False)
-
-    def emit(self, event: Event) -> None:
-        self._events.put(event)
-
-    def events(self) -> Iterator[Event]:
-        """Events in order, ending with done or error."""
-        while True:
-            event = self._events.get()
-            yield event
-            if event.kind in ("done", "error"):
-                return
-
-
 class Scheduler:
-    """A FIFO queue and one worker thread that owns the replica's device."""
+    """Per-user queues and one worker thread that owns the replica's device."""
 
     def __init__(self, name: str, run: Callable[[Job], Any]) -> None:
         self.name = name
         self._run = run
-        self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._ahead = itertools.count()
+        self._queues: OrderedDict[str, deque[Job]] = OrderedDict()  # users in turn order
+        self._wake = threading.Condition()
+        self._closed = False
+        self.running: Job | None = None
         self._worker = threading.Thread(target=self._loop, name=f"farscope-worker-{name}", daemon=True)
         self._worker.start()
 
     def submit(self, job: Job) -> None:
-        job.emit(Event("queued", position=self._queue.qsize()))
-        self._queue.put(job)
+        with self._wake:
+            if self._closed:
+                raise FarscopeError("the server is shutting down and accepts no new jobs")
+            position = self._position(job.user)
+            self._queues.setdefault(job.user, deque()).append(job)
+            job.emit(Event("queued", position=position))
+            self._wake.notify()
 
-    def close(self) -> None:
-        self._queue.put(None)
-        self._worker.join(timeout=30)
+    def cancel(self, job: Job) -> None:
+        """Cancel a queued job now; a running one stops at its next hook or generation step."""
+        job.cancelled.set()
+        with self._wake:
+            queue = self._queues.get(job.user)
+            if queue is not None and job in queue:
+                queue.remove(job)
+                job.fail(CancelledError("the job was cancelled before it ran", job_id=job.id))
+
+    @property
+    def depth(self) -> int:
+        with self._wake:
+            return sum(len(q) for q in self._queues.values())
+
+    def _position(self, user: str) -> int:
+        """Jobs that will run before a new job of `user`, given round robin."""
+        mine = len(self._queues.get(user, ()))
+        return sum(min(len(q), mine + 1) for u, q in self._queues.items() if u != user) + mine
+
+    def close(self, *, cancel_queued: bool = True) -> None:
+        """Stop taking jobs; fail the queued ones clearly; let the running one finish."""
+        with self._wake:
+            self._closed = True
+            queued = [job for q in self._queues.values() for job in q]
+            self._queues.clear()
+            self._wake.notify_all()
+        for job in queued:
+            job.fail(CancelledError("the server shut down before this job ran; submit it again", job_id=job.id))
+        self._worker.join(timeout=60)
+
+    def _next(self) -> Job | None:
+        with self._wake:
+            while True:
+                for user in list(self._queues):
+                    queue = self._queues.pop(user)  # re-inserted last: the next user goes first
+                    job = queue.popleft()
+                    if queue:
+                        self._queues[user] = queue
+                    return job
+                if self._closed:
+                    return None
+                self._wake.wait()
 
     def _loop(self) -> None:
-        while (job := self._queue.get()) is not None:
+        while (job := self._next()) is not None:
             if job.cancelled.is_set():
+                job.fail(CancelledError("the job was cancelled before it ran", job_id=job.id))
                 continue
+            self.running = job
             job.emit(Event("running"))
             try:
                 result = self._run(job)
             except Exception as e:  # the job fails; the worker keeps serving
                 log.info("job %s failed: %s", job.id, e)
-                job.emit(Event("error", error=e))
+                job.fail(e)
             else:
-                job.emit(Event("done", result=result))
+                job.finish(result)
+            finally:
+                self.running = None

@@ -29,8 +29,9 @@ from farscope.interventions.validate import SUPPORTED_IR_VERSIONS, GraphLimits, 
 from farscope.proto import farscope_pb2 as pb
 from farscope.proto import farscope_pb2_grpc as pb_grpc
 
+from .jobs import Event, Job, JobStore
 from .replica import Replica, Results
-from .scheduler import Event, Job, Scheduler
+from .scheduler import Scheduler
 
 __all__ = ["FarscopeServicer", "Server", "start_server", "CHUNK_BYTES", "SERVICE_NAME"]
 
@@ -48,19 +49,29 @@ def _status(error: FarscopeError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def _abort(context: grpc.ServicerContext, error: FarscopeError) -> None:
+def _as_farscope(error: BaseException | None, job: Job) -> FarscopeError:
+    if not isinstance(error, FarscopeError):
+        log.error("job %s: internal error", job.id, exc_info=error)
+        error = FarscopeError(f"internal server error: {type(error).__name__}: {error}")
+    error.job_id = job.id
+    return error
+
+
+def _abort(context: grpc.ServicerContext, error: FarscopeError, *, code: grpc.StatusCode | None = None) -> None:
     metadata = [("farscope-error", type(error).__name__)]
     if error.node_id is not None:
         metadata.append(("farscope-node", str(error.node_id)))
     if error.job_id:
         metadata.append(("farscope-job", error.job_id))
     context.set_trailing_metadata(metadata)
-    context.abort(_status(error), error.message)
+    context.abort(code or _status(error), error.message)
 
 
 class FarscopeServicer(pb_grpc.FarscopeServicer):
-    def __init__(self, replicas: dict[str, Replica], *, upload_bytes: int = 1 << 30) -> None:
+    def __init__(self, replicas: dict[str, Replica], *, upload_bytes: int = 1 << 30,
+                 job_ttl: float = 3600.0) -> None:
         self.uploads = UploadStore(upload_bytes)  # content-addressed, so shared by all users safely
+        self.jobs = JobStore(ttl=job_ttl)
         self.replicas: dict[str, Replica] = {}
         self.schedulers: dict[str, Scheduler] = {}
         for replica in replicas.values():
@@ -72,6 +83,7 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
         self.replicas[replica.name] = replica
 
     def close(self) -> None:
+        """Fail queued jobs clearly and let running ones finish (the caller bounds the wait)."""
         for scheduler in self.schedulers.values():
             scheduler.close()
 
@@ -87,9 +99,14 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
                     raise CancelledError("the job was cancelled")
                 if time.monotonic() > deadline:
                     raise LimitError(f"the job ran longer than max_wall_seconds={limit:g}")
+
             def on_log(text: str) -> None:
-                job.emit(Event("log", result=text))
-            return replica.execute(job.payload, check_cancelled=check_cancelled, on_log=on_log)
+                job.emit(Event("log", text=text))
+
+            def on_progress(step: int, total: int) -> None:
+                job.emit(Event("progress", step=step, total=total))
+            return replica.execute(job.payload, check_cancelled=check_cancelled, on_log=on_log,
+                                   on_progress=on_progress)
         return run
 
     def _replica(self, name: str) -> Replica:
@@ -136,6 +153,35 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
     def Execute(
         self, request_iterator: Iterable[pb.ExecuteRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.ExecuteEvent]:
+        job = self._submit(request_iterator, context)
+        # A client that goes away while its job waits cancels it; once running, the job finishes and
+        # stays fetchable by id (Watch/Fetch) until its TTL.
+        context.add_callback(lambda: job.state == "queued" and self.schedulers[job.model].cancel(job))
+        yield from self._watch(job, context)
+        yield from self._fetch(job, context)
+
+    def Submit(self, request_iterator: Iterable[pb.ExecuteRequest], context: grpc.ServicerContext) -> pb.Queued:
+        job = self._submit(request_iterator, context)
+        return pb.Queued(job_id=job.id, position=next(job.follow()).position)
+
+    def Watch(self, request: pb.JobRequest, context: grpc.ServicerContext) -> Iterator[pb.ExecuteEvent]:
+        yield from self._watch(self._job(request.job_id, context), context)
+
+    def Fetch(self, request: pb.JobRequest, context: grpc.ServicerContext) -> Iterator[pb.ExecuteEvent]:
+        job = self._job(request.job_id, context)
+        if job.finished is None:
+            _abort(context, FarscopeError(f"job {job.id} has not finished; Watch it first", job_id=job.id),
+                   code=grpc.StatusCode.FAILED_PRECONDITION)
+        yield from self._fetch(job, context)
+
+    def Cancel(self, request: pb.JobRequest, context: grpc.ServicerContext) -> pb.JobState:
+        job = self._job(request.job_id, context)
+        self.schedulers[job.model].cancel(job)
+        return pb.JobState(job_id=job.id, state=job.state)
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    def _submit(self, request_iterator: Iterable[pb.ExecuteRequest], context: grpc.ServicerContext) -> Job:
         try:
             replica, graph = self._receive(request_iterator)
         except FarscopeError as e:
@@ -145,25 +191,39 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
             log.exception("unexpected error while reading a request")
             _abort(context, FarscopeError(f"internal server error while reading the request: {type(e).__name__}"))
         job = Job(model=replica.name, payload=graph)
-        context.add_callback(job.cancelled.set)  # a vanished client cancels its queued job
-        self.schedulers[replica.name].submit(job)
-        for event in job.events():
+        self.jobs.add(job)
+        try:
+            self.schedulers[replica.name].submit(job)
+        except FarscopeError as e:
+            _abort(context, e, code=grpc.StatusCode.UNAVAILABLE)
+        log.info("job %s queued for %s", job.id, replica.name)
+        return job
+
+    def _job(self, job_id: str, context: grpc.ServicerContext) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            _abort(context, FarscopeError(f"no job {job_id!r} here: unknown, or its results expired"),
+                   code=grpc.StatusCode.NOT_FOUND)
+        return job
+
+    def _watch(self, job: Job, context: grpc.ServicerContext) -> Iterator[pb.ExecuteEvent]:
+        for event in job.follow():
             if event.kind == "queued":
                 yield pb.ExecuteEvent(queued=pb.Queued(job_id=job.id, position=event.position))
             elif event.kind == "running":
                 yield pb.ExecuteEvent(running=pb.Running(job_id=job.id))
+            elif event.kind == "progress":
+                yield pb.ExecuteEvent(progress=pb.Progress(job_id=job.id, step=event.step, total=event.total))
             elif event.kind == "log":
-                yield pb.ExecuteEvent(log=pb.LogLine(text=event.result))
+                yield pb.ExecuteEvent(log=pb.LogLine(text=event.text))
             elif event.kind == "error":
-                error = event.error
-                if not isinstance(error, FarscopeError):
-                    log.exception("job %s: internal error", job.id, exc_info=error)
-                    error = FarscopeError(f"internal server error: {type(error).__name__}: {error}")
-                error.job_id = job.id
-                _abort(context, error)
-            else:
-                yield from _stream_results(event.result)
-                yield pb.ExecuteEvent(done=pb.Done(job_id=job.id, run_seconds=event.result.run_seconds))
+                _abort(context, _as_farscope(event.error, job))
+
+    def _fetch(self, job: Job, context: grpc.ServicerContext) -> Iterator[pb.ExecuteEvent]:
+        if job.error is not None:
+            _abort(context, _as_farscope(job.error, job))
+        yield from _stream_results(job.result)
+        yield pb.ExecuteEvent(done=pb.Done(job_id=job.id, run_seconds=job.result.run_seconds))
 
     def _receive(self, request_iterator: Iterable[pb.ExecuteRequest]) -> tuple[Replica, object]:
         requests = iter(request_iterator)
