@@ -10,7 +10,7 @@ from typing import Any
 
 from .envoy import Envoy, build_tree
 from .tokenizer import load_tokenizer
-from .tracing import Session, Tracer
+from .tracing import Job, Session, Tracer
 from .transport import Transport
 
 __all__ = ["RemoteModel", "DEFAULT_ADDRESS"]
@@ -63,14 +63,20 @@ class RemoteModel:
 
     # -- tracing -------------------------------------------------------------------------------
 
-    def trace(self, inputs: Any = None) -> Tracer:
+    def trace(self, inputs: Any = None, *, blocking: bool = True) -> Tracer:
         """`with model.trace(prompt):` records interventions on one forward pass of `prompt`.
 
-        Without an input, batch several with `tracer.invoke(...)`.
+        Without an input, batch several with `tracer.invoke(...)`. With `blocking=False` the block
+        only submits the job: `tracer.job` is a handle to poll (`done()`), `wait()` on or `cancel()`.
         """
-        return Tracer(self, inputs)
+        return Tracer(self, inputs, blocking=blocking)
 
-    def generate(self, inputs: Any = None, *, max_new_tokens: int = 20, **generation_kwargs: Any) -> Tracer:
+    def job(self, job_id: str) -> Job:
+        """Reattach to a job by id (from any process, until the server's result TTL runs out)."""
+        return Job(self, job_id)
+
+    def generate(self, inputs: Any = None, *, max_new_tokens: int = 20, blocking: bool = True,
+                 **generation_kwargs: Any) -> Tracer:
         """`with model.generate(prompt, max_new_tokens=N) as tracer:` records interventions per step.
 
         Interventions outside a step loop apply to the first step (the prompt's forward pass);
@@ -78,7 +84,7 @@ class RemoteModel:
         `tracer.result` is the generated token ids. Keywords go to HF `generate` (greedy by default).
         """
         options = {"max_new_tokens": max_new_tokens, **generation_kwargs}
-        return Tracer(self, inputs, mode="generate", options=options)
+        return Tracer(self, inputs, mode="generate", options=options, blocking=blocking)
 
     def session(self) -> Session:
         """`with model.session():` several traces in one request; values flow between them."""

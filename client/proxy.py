@@ -99,17 +99,18 @@ class Proxy:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
-        if self._resolved or not self._tracer.is_open:
+        tracer = _recorder(self)
+        if self._resolved or tracer is None:
             return getattr(self.value, name)
         if f"Tensor.{name}" in ops.REGISTRY:
             def method(*args: Any, **kwargs: Any) -> Proxy:
-                return self._tracer.record(f"Tensor.{name}", (self, *args), kwargs)
+                return tracer.record(f"Tensor.{name}", (self, *args), kwargs)
             return method
         if name in ops.TENSOR_ATTRIBUTES:
-            return self._tracer.record("getattr", (self, name))
+            return tracer.record("getattr", (self, name))
         if hasattr(torch.Tensor, name) and name not in _RESULT_FIELDS:  # a tensor method outside the whitelist
             raise TraceError(f"Tensor.{name} is not available on the server (not in farscope's op whitelist)")
-        return self._tracer.record("field", (self, name))  # a model output's field, e.g. .logits
+        return tracer.record("field", (self, name))  # a model output's field, e.g. .logits
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._resolved:
@@ -126,7 +127,7 @@ class Proxy:
         if self._resolved:
             self._value[key] = unwrap(value)
             return
-        self._tracer.record("setitem", (self, key, value))
+        (_recorder(self) or self._tracer).record("setitem", (self, key, value))
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -217,12 +218,29 @@ def to_argument(value: Any, tracer: Tracer) -> Any:
     return map_args(value, convert)
 
 
+def _recorder(proxy: Proxy) -> Tracer | None:
+    """The open trace that records what is done to `proxy`: its own, or, for a value of an earlier
+    trace of a session, the session's trace open now (values flow between a session's traces)."""
+    tracer = proxy._tracer
+    if tracer.is_open:
+        return tracer
+    session = tracer.session
+    if session is None or not session.is_open:
+        return None
+    from .tracing import innermost_tracer  # tracing imports this module
+
+    current = innermost_tracer()
+    return current if current is not None and current.session is session else None
+
+
 def _open_tracer(value: Any) -> Tracer | None:
     found: list[Tracer] = []
 
     def visit(v: Any) -> Any:
-        if isinstance(v, Proxy) and v._tracer.is_open and not found:
-            found.append(v._tracer)
+        if isinstance(v, Proxy) and not found:
+            tracer = _recorder(v)
+            if tracer is not None:
+                found.append(tracer)
         return v
     map_args(value, visit)
     return found[0] if found else None
@@ -230,18 +248,20 @@ def _open_tracer(value: Any) -> Tracer | None:
 
 def _binary(op: str, fn: Any, reflected: bool) -> Any:
     def method(self: Proxy, other: Any) -> Any:
-        if self._resolved or not self._tracer.is_open:
+        tracer = _recorder(self)
+        if self._resolved or tracer is None:
             return fn(other, self.value) if reflected else fn(self.value, unwrap(other))
         args = (other, self) if reflected else (self, other)
-        return self._tracer.record(op, args)
+        return tracer.record(op, args)
     return method
 
 
 def _unary(op: str, fn: Any) -> Any:
     def method(self: Proxy) -> Any:
-        if self._resolved or not self._tracer.is_open:
+        tracer = _recorder(self)
+        if self._resolved or tracer is None:
             return fn(self.value)
-        return self._tracer.record(op, (self,))
+        return tracer.record(op, (self,))
     return method
 
 

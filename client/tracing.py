@@ -25,7 +25,7 @@ from .proxy import Proxy, to_argument
 if TYPE_CHECKING:
     from .model import RemoteModel
 
-__all__ = ["Tracer", "Session", "Cache", "active_tracer", "innermost_tracer"]
+__all__ = ["Tracer", "Session", "Cache", "Job", "active_tracer", "innermost_tracer"]
 
 # Frames inside these folders are farscope's or torch's own; the first frame outside is the user's.
 _INTERNAL = tuple(
@@ -87,12 +87,69 @@ class _Run:
             results = self.model._transport.execute(self.model.name, self.graph, on_log=self.model._on_log)
         except FarscopeError as error:
             raise _located(self.graph, error) from error.__cause__
+        self.fill(results)
+
+    def submit(self) -> Job:
+        try:
+            job_id = self.model._transport.submit(self.model.name, self.graph)
+        except FarscopeError as error:
+            raise _located(self.graph, error) from error.__cause__
+        return Job(self.model, job_id, self)
+
+    def fill(self, results: dict[int, Any]) -> None:
         for node_id, proxy in self.saved.items():
             if node_id in results:
                 proxy._set_value(results[node_id])
             else:
                 proxy._set_missing("it was never computed: its generation step was not reached (generation "
                                    "ended early) or the forward pass stopped before it")
+
+
+class Job:
+    """A submitted job: poll it, wait for it, cancel it; its saved proxies fill when it is waited on.
+
+    `model.job(job_id)` reattaches to a job from another process (then `wait()` returns the saved
+    values by node id, as there are no proxies to fill).
+    """
+
+    def __init__(self, model: RemoteModel, job_id: str, run: _Run | None = None) -> None:
+        self.model = model
+        self.id = job_id
+        self._run = run
+        self._error: FarscopeError | None = None
+        self._finished = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name=f"farscope-watch-{job_id[:8]}", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        try:
+            self.model._transport.watch(self.id, on_log=self.model._on_log)
+        except FarscopeError as error:
+            self._error = _located(self._run.graph, error) if self._run is not None else error
+        finally:
+            self._finished.set()
+
+    def done(self) -> bool:
+        """Whether the job has finished (successfully or not)."""
+        return self._finished.is_set()
+
+    def wait(self, timeout: float | None = None) -> dict[int, Any]:
+        """Block until the job finishes; raise its error, or fill the saved proxies and return values."""
+        if not self._finished.wait(timeout):
+            raise TimeoutError(f"job {self.id} did not finish within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        results = self.model._transport.fetch(self.id)
+        if self._run is not None:
+            self._run.fill(results)
+        return results
+
+    def cancel(self) -> str:
+        """Ask the server to cancel; returns the job's state as the server saw it."""
+        return self.model._transport.cancel(self.id)
+
+    def __repr__(self) -> str:
+        return f"<farscope.Job {self.id} {'finished' if self.done() else 'pending'}>"
 
 
 class Session:
@@ -151,8 +208,10 @@ class Tracer:
     """
 
     def __init__(self, model: RemoteModel, inputs: Any = None, *, mode: str = "trace",
-                 options: dict[str, Any] | None = None) -> None:
+                 options: dict[str, Any] | None = None, blocking: bool = True) -> None:
         self.model = model
+        self.blocking = blocking
+        self.job: Job | None = None  # with blocking=False: the submitted job
         self.mode = mode
         self.options = dict(options or {})
         self.session = _session_of(model)
@@ -191,7 +250,10 @@ class Tracer:
         if not self.segment.invokes:
             raise TraceError("nothing to run: pass an input to model.trace(...) or use tracer.invoke(...)")
         if self.session is None:
-            self._run.execute()
+            if self.blocking:
+                self._run.execute()
+            else:
+                self.job = self._run.submit()
 
     @contextlib.contextmanager
     def invoke(self, inputs: Any) -> Iterator[Tracer]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -220,7 +221,8 @@ class _Progress:
 
     def _progress(self, progress: pb.Progress) -> None:
         if self.bar is None:
-            if time.monotonic() - self.started < self.after or os.environ.get("FARSCOPE_PROGRESS") == "0":
+            if (time.monotonic() - self.started < self.after or os.environ.get("FARSCOPE_PROGRESS") == "0"
+                    or not (sys.stderr and sys.stderr.isatty())):  # a bar only for a person watching
                 return
             from tqdm.auto import tqdm
 
