@@ -7,7 +7,8 @@
     │   └── UploadMissingError     a tensor sent by digest is not held by the server (client resends)
     ├── ModelNotFoundError         no model of that name is served
     ├── RemoteError                the graph failed while it ran on the server (shape errors, ...)
-    ├── AuthError                  missing or wrong credentials, or not allowed to use that model
+    ├── AuthError                  missing or wrong credentials
+    │   └── PermissionDeniedError  the credentials do not allow this model
     ├── LimitError                 a size, rate or time limit was exceeded
     ├── CancelledError             the job was cancelled
     └── TransportError             the server could not be reached or the connection broke
@@ -28,6 +29,7 @@ __all__ = [
     "ModelNotFoundError",
     "RemoteError",
     "AuthError",
+    "PermissionDeniedError",
     "LimitError",
     "CancelledError",
     "TransportError",
@@ -98,8 +100,14 @@ class AuthError(FarscopeError):
     """Credentials were missing or wrong, or do not allow this model."""
 
 
+class PermissionDeniedError(AuthError):
+    """The credentials are valid but do not allow this model."""
+
+
 class LimitError(FarscopeError):
-    """A request, rate or time limit was exceeded."""
+    """A request, rate or time limit was exceeded. `retry_after` (seconds) when waiting helps."""
+
+    retry_after: float | None = None
 
 
 class CancelledError(FarscopeError):
@@ -118,6 +126,7 @@ STATUS_OF: dict[type[FarscopeError], str] = {
     ModelNotFoundError: "NOT_FOUND",
     RemoteError: "ABORTED",
     AuthError: "UNAUTHENTICATED",
+    PermissionDeniedError: "PERMISSION_DENIED",
     LimitError: "RESOURCE_EXHAUSTED",
     CancelledError: "CANCELLED",
     TransportError: "UNAVAILABLE",
@@ -135,6 +144,7 @@ ERROR_CLASSES: dict[str, type[FarscopeError]] = {
         ModelNotFoundError,
         RemoteError,
         AuthError,
+        PermissionDeniedError,
         LimitError,
         CancelledError,
         TransportError,

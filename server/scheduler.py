@@ -62,8 +62,9 @@ class Scheduler:
         mine = len(self._queues.get(user, ()))
         return sum(min(len(q), mine + 1) for u, q in self._queues.items() if u != user) + mine
 
-    def close(self, *, cancel_queued: bool = True) -> None:
-        """Stop taking jobs; fail the queued ones clearly; let the running one finish."""
+    def close(self, *, timeout: float = 30.0) -> None:
+        """Stop taking jobs; fail the queued ones clearly; give the running one `timeout` seconds,
+        then cancel it (it stops at its next hook or generation step)."""
         with self._wake:
             self._closed = True
             queued = [job for q in self._queues.values() for job in q]
@@ -71,7 +72,11 @@ class Scheduler:
             self._wake.notify_all()
         for job in queued:
             job.fail(CancelledError("the server shut down before this job ran; submit it again", job_id=job.id))
-        self._worker.join(timeout=60)
+        self._worker.join(timeout=timeout)
+        running = self.running
+        if running is not None:
+            running.cancelled.set()
+            self._worker.join(timeout=30)
 
     def _next(self) -> Job | None:
         with self._wake:

@@ -6,10 +6,12 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,6 +23,7 @@ from farscope.interventions.errors import (
     FarscopeError,
     LimitError,
     ModelNotFoundError,
+    PermissionDeniedError,
     ValidationError,
     VersionError,
 )
@@ -30,6 +33,7 @@ from farscope.proto import farscope_pb2 as pb
 from farscope.proto import farscope_pb2_grpc as pb_grpc
 
 from .jobs import Event, Job, JobStore
+from .metrics import Metrics
 from .replica import Replica, Results
 from .scheduler import Scheduler
 
@@ -57,21 +61,37 @@ def _as_farscope(error: BaseException | None, job: Job) -> FarscopeError:
     return error
 
 
-def _abort(context: grpc.ServicerContext, error: FarscopeError, *, code: grpc.StatusCode | None = None) -> None:
+def _abort(context: grpc.ServicerContext, error: FarscopeError, *, code: grpc.StatusCode | None = None,
+           metrics: Metrics | None = None) -> None:
+    code = code or _status(error)
+    if metrics is not None:
+        metrics.errors.labels(code=code.name).inc()
     metadata = [("farscope-error", type(error).__name__)]
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
+        metadata.append(("retry-after", f"{retry_after:.3f}"))
     if error.node_id is not None:
         metadata.append(("farscope-node", str(error.node_id)))
     if error.job_id:
         metadata.append(("farscope-job", error.job_id))
     context.set_trailing_metadata(metadata)
-    context.abort(code or _status(error), error.message)
+    context.abort(code, error.message)
+
+
+def _rate_limiter() -> Any:
+    from .auth import RateLimiter
+
+    return RateLimiter()
 
 
 class FarscopeServicer(pb_grpc.FarscopeServicer):
     def __init__(self, replicas: dict[str, Replica], *, upload_bytes: int = 1 << 30,
-                 job_ttl: float = 3600.0) -> None:
+                 job_ttl: float = 3600.0, keys: Any = None, metrics: Metrics | None = None) -> None:
         self.uploads = UploadStore(upload_bytes)  # content-addressed, so shared by all users safely
         self.jobs = JobStore(ttl=job_ttl)
+        self.keys = keys  # an auth.KeyStore, or None: no authentication (loopback only, by the CLI)
+        self.rate = _rate_limiter() if keys is not None else None
+        self.metrics = metrics or Metrics()
         self.replicas: dict[str, Replica] = {}
         self.schedulers: dict[str, Scheduler] = {}
         for replica in replicas.values():
@@ -79,13 +99,16 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
 
     def add(self, replica: Replica) -> None:
         """Serve one more model (a server binds its port first and adds models as they load)."""
-        self.schedulers[replica.name] = Scheduler(replica.name, self._runner(replica))
+        scheduler = Scheduler(replica.name, self._runner(replica))
+        self.schedulers[replica.name] = scheduler
         self.replicas[replica.name] = replica
+        self.metrics.watch_queue(replica.name, lambda: scheduler.depth)
 
-    def close(self) -> None:
-        """Fail queued jobs clearly and let running ones finish (the caller bounds the wait)."""
+    def close(self, grace: float = 30.0) -> None:
+        """Drain: take no new jobs, fail queued ones clearly, give running ones `grace` seconds to
+        finish, then cancel them (they stop at their next hook)."""
         for scheduler in self.schedulers.values():
-            scheduler.close()
+            scheduler.close(timeout=grace)
 
     @staticmethod
     def _runner(replica: Replica):  # noqa: ANN205
@@ -109,6 +132,28 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
                                    on_progress=on_progress)
         return run
 
+    # -- who is asking -------------------------------------------------------------------------
+
+    def _user(self, context: grpc.ServicerContext, rpc: str) -> Any:
+        """The caller (None with auth off); aborts UNAUTHENTICATED for a missing or unknown key."""
+        self.metrics.requests.labels(rpc=rpc).inc()
+        if self.keys is None:
+            return None
+        from .auth import key_from_metadata
+
+        try:
+            return self.keys.authenticate(key_from_metadata(context.invocation_metadata() or ()))
+        except FarscopeError as e:
+            self._abort(context, e)
+
+    def _allow(self, context: grpc.ServicerContext, user: Any, model: str) -> None:
+        if user is not None and not user.may_use(model):
+            self._abort(context, PermissionDeniedError(f"API key {user.name!r} may not use model {model!r}"))
+
+    def _abort(self, context: grpc.ServicerContext, error: FarscopeError,
+               code: grpc.StatusCode | None = None) -> None:
+        _abort(context, error, code=code, metrics=self.metrics)
+
     def _replica(self, name: str) -> Replica:
         try:
             return self.replicas[name]
@@ -124,14 +169,13 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
     # -- RPCs ----------------------------------------------------------------------------------
 
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[self._summary(r) for r in self.replicas.values()],
+        user = self._user(context, "ListModels")
+        replicas = [r for r in self.replicas.values() if user is None or user.may_use(r.name)]
+        return pb.ListModelsResponse(models=[self._summary(r) for r in replicas],
                                      server_version=SERVER_VERSION, ir_versions=SUPPORTED_IR_VERSIONS)
 
     def DescribeModel(self, request: pb.DescribeModelRequest, context: grpc.ServicerContext) -> pb.ModelDescription:
-        try:
-            replica = self._replica(request.name)
-        except FarscopeError as e:
-            _abort(context, e)
+        replica = self._model_for(context, "DescribeModel", request.name)
         return pb.ModelDescription(
             summary=self._summary(replica),
             modules=[pb.ModuleInfo(path=p, class_name=c) for p, c in replica.modules],
@@ -141,10 +185,7 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
         )
 
     def GetTokenizer(self, request: pb.DescribeModelRequest, context: grpc.ServicerContext) -> Iterator[pb.FileChunk]:
-        try:
-            replica = self._replica(request.name)
-        except FarscopeError as e:
-            _abort(context, e)
+        replica = self._model_for(context, "GetTokenizer", request.name)
         for name, data in sorted(replica.loaded.tokenizer_files.items()):
             for offset in range(0, max(len(data), 1), CHUNK_BYTES):
                 yield pb.FileChunk(name=name, offset=offset, data=data[offset:offset + CHUNK_BYTES],
@@ -153,7 +194,7 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
     def Execute(
         self, request_iterator: Iterable[pb.ExecuteRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.ExecuteEvent]:
-        job = self._submit(request_iterator, context)
+        job = self._submit(request_iterator, context, "Execute")
         # A client that goes away while its job waits cancels it; once running, the job finishes and
         # stays fetchable by id (Watch/Fetch) until its TTL.
         context.add_callback(lambda: job.state == "queued" and self.schedulers[job.model].cancel(job))
@@ -161,49 +202,80 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
         yield from self._fetch(job, context)
 
     def Submit(self, request_iterator: Iterable[pb.ExecuteRequest], context: grpc.ServicerContext) -> pb.Queued:
-        job = self._submit(request_iterator, context)
+        job = self._submit(request_iterator, context, "Submit")
         return pb.Queued(job_id=job.id, position=next(job.follow()).position)
 
     def Watch(self, request: pb.JobRequest, context: grpc.ServicerContext) -> Iterator[pb.ExecuteEvent]:
-        yield from self._watch(self._job(request.job_id, context), context)
+        yield from self._watch(self._job(request.job_id, context, "Watch"), context)
 
     def Fetch(self, request: pb.JobRequest, context: grpc.ServicerContext) -> Iterator[pb.ExecuteEvent]:
-        job = self._job(request.job_id, context)
+        job = self._job(request.job_id, context, "Fetch")
         if job.finished is None:
-            _abort(context, FarscopeError(f"job {job.id} has not finished; Watch it first", job_id=job.id),
-                   code=grpc.StatusCode.FAILED_PRECONDITION)
+            self._abort(context, FarscopeError(f"job {job.id} has not finished; Watch it first", job_id=job.id),
+                        code=grpc.StatusCode.FAILED_PRECONDITION)
         yield from self._fetch(job, context)
 
     def Cancel(self, request: pb.JobRequest, context: grpc.ServicerContext) -> pb.JobState:
-        job = self._job(request.job_id, context)
+        job = self._job(request.job_id, context, "Cancel")
         self.schedulers[job.model].cancel(job)
         return pb.JobState(job_id=job.id, state=job.state)
 
     # -- jobs ----------------------------------------------------------------------------------
 
-    def _submit(self, request_iterator: Iterable[pb.ExecuteRequest], context: grpc.ServicerContext) -> Job:
+    def _model_for(self, context: grpc.ServicerContext, rpc: str, name: str) -> Replica:
+        user = self._user(context, rpc)
         try:
-            replica, graph = self._receive(request_iterator)
+            replica = self._replica(name)
         except FarscopeError as e:
-            log.info("request rejected: %s", e.message)
-            _abort(context, e)
+            self._abort(context, e)
+        self._allow(context, user, name)
+        return replica
+
+    def _submit(self, request_iterator: Iterable[pb.ExecuteRequest], context: grpc.ServicerContext,
+                rpc: str) -> Job:
+        user = self._user(context, rpc)
+        try:
+            replica, graph = self._receive(request_iterator, context, user)
+        except FarscopeError as e:
+            log.info("request rejected: %s", e.message, extra={"user": user.name if user else ""})
+            self._abort(context, e)
         except Exception as e:  # a bug of ours, never the client's: say so, keep serving
             log.exception("unexpected error while reading a request")
-            _abort(context, FarscopeError(f"internal server error while reading the request: {type(e).__name__}"))
-        job = Job(model=replica.name, payload=graph)
+            self._abort(context, FarscopeError(f"internal server error while reading the request: "
+                                               f"{type(e).__name__}"))
+        job = Job(model=replica.name, payload=graph, user=user.name if user else "")
+        if user is not None and self.jobs.active(job.user) >= user.max_concurrent:
+            self._abort(context, LimitError(f"API key {user.name!r} already has {user.max_concurrent} jobs queued "
+                                            "or running (its max_concurrent quota); retry when one finishes"))
         self.jobs.add(job)
         try:
             self.schedulers[replica.name].submit(job)
         except FarscopeError as e:
-            _abort(context, e, code=grpc.StatusCode.UNAVAILABLE)
-        log.info("job %s queued for %s", job.id, replica.name)
+            self._abort(context, e, code=grpc.StatusCode.UNAVAILABLE)
+        threading.Thread(target=self._account, args=(job,), daemon=True).start()
+        log.info("job queued", extra={"job_id": job.id, "user": job.user, "model": job.model})
         return job
 
-    def _job(self, job_id: str, context: grpc.ServicerContext) -> Job:
+    def _account(self, job: Job) -> None:
+        """Record a job's outcome in the metrics and the log once it ends."""
+        for event in job.follow():
+            if event.kind == "running":
+                log.info("job running", extra={"job_id": job.id, "user": job.user, "model": job.model})
+        seconds = (job.finished or time.monotonic()) - job.submitted
+        outcome = "done" if job.error is None else type(job.error).__name__
+        self.metrics.jobs.labels(model=job.model, outcome=outcome).inc()
+        self.metrics.latency.labels(model=job.model).observe(seconds)
+        if job.result is not None:
+            self.metrics.run_time.labels(model=job.model).observe(job.result.run_seconds)
+        log.info("job %s", "done" if job.error is None else f"failed: {job.error}",
+                 extra={"job_id": job.id, "user": job.user, "model": job.model, "seconds": round(seconds, 4)})
+
+    def _job(self, job_id: str, context: grpc.ServicerContext, rpc: str) -> Job:
+        user = self._user(context, rpc)
         job = self.jobs.get(job_id)
-        if job is None:
-            _abort(context, FarscopeError(f"no job {job_id!r} here: unknown, or its results expired"),
-                   code=grpc.StatusCode.NOT_FOUND)
+        if job is None or (user is not None and job.user != user.name):  # others' jobs do not exist
+            self._abort(context, FarscopeError(f"no job {job_id!r} here: unknown, or its results expired"),
+                        code=grpc.StatusCode.NOT_FOUND)
         return job
 
     def _watch(self, job: Job, context: grpc.ServicerContext) -> Iterator[pb.ExecuteEvent]:
@@ -217,21 +289,26 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
             elif event.kind == "log":
                 yield pb.ExecuteEvent(log=pb.LogLine(text=event.text))
             elif event.kind == "error":
-                _abort(context, _as_farscope(event.error, job))
+                self._abort(context, _as_farscope(event.error, job))
 
     def _fetch(self, job: Job, context: grpc.ServicerContext) -> Iterator[pb.ExecuteEvent]:
         if job.error is not None:
-            _abort(context, _as_farscope(job.error, job))
+            self._abort(context, _as_farscope(job.error, job))
+        self.metrics.bytes_out.inc(job.result.nbytes)
         yield from _stream_results(job.result)
         yield pb.ExecuteEvent(done=pb.Done(job_id=job.id, run_seconds=job.result.run_seconds))
 
-    def _receive(self, request_iterator: Iterable[pb.ExecuteRequest]) -> tuple[Replica, object]:
+    def _receive(self, request_iterator: Iterable[pb.ExecuteRequest], context: grpc.ServicerContext,
+                 user: Any) -> tuple[Replica, object]:
         requests = iter(request_iterator)
         first = next(requests, None)
         if first is None or first.WhichOneof("part") != "header":
             raise ValidationError("an Execute call must start with a RequestHeader")
         header = first.header
         replica = self._replica(header.model)
+        self._allow(context, user, replica.name)
+        if user is not None:
+            self.rate.acquire(user)  # LimitError with retry_after once the key's rate is spent
         if header.ir_version not in SUPPORTED_IR_VERSIONS:
             raise VersionError(
                 f"this server (farscope {SERVER_VERSION}) accepts graph IR version(s) "
@@ -253,6 +330,7 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
             parts.append(message.graph_chunk)
         if size != header.graph_bytes:
             raise ValidationError(f"the header announced {header.graph_bytes} graph bytes, {size} arrived")
+        self.metrics.bytes_in.inc(size)
         document = codec.decode(b"".join(parts), uploads=self.uploads)
         limits = GraphLimits(max_nodes=replica.limits.max_nodes)
         return replica, validate(document, module_paths=replica.module_paths, limits=limits)
@@ -275,6 +353,7 @@ class Server:
     servicer: FarscopeServicer
     health: health.HealthServicer
     port: int
+    metrics_port: int | None = None
 
     def add(self, replica: Replica) -> None:
         self.servicer.add(replica)
@@ -285,13 +364,17 @@ class Server:
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self, grace: float | None = 5.0) -> None:
+        """Drain and stop: NOT_SERVING at once, no new jobs, queued jobs failed clearly, running jobs
+        given `grace` seconds to finish (then cancelled), their clients sent the outcome, then exit."""
         self.health.enter_graceful_shutdown()
-        self.grpc_server.stop(grace).wait()
-        self.servicer.close()
+        self.servicer.close(grace=grace or 0.0)
+        self.grpc_server.stop(max(grace or 0.0, 1.0)).wait()
 
 
 def start_server(replicas: dict[str, Replica], *, host: str = "127.0.0.1", port: int = 0,
-                 max_workers: int = 32, serving: bool = True, upload_bytes: int = 1 << 30) -> Server:
+                 max_workers: int = 32, serving: bool = True, upload_bytes: int = 1 << 30,
+                 keys: Any = None, job_ttl: float = 3600.0, metrics_port: int | None = None,
+                 tls: tuple[bytes, bytes] | None = None) -> Server:
     """Start serving `replicas` on host:port (0 picks a free port).
 
     With `serving=False` the health service says NOT_SERVING until `set_serving()`: a server can bind
@@ -302,17 +385,23 @@ def start_server(replicas: dict[str, Replica], *, host: str = "127.0.0.1", port:
         options=[("grpc.max_receive_message_length", 8 * CHUNK_BYTES),
                  ("grpc.max_send_message_length", 8 * CHUNK_BYTES)],
     )
-    servicer = FarscopeServicer(replicas, upload_bytes=upload_bytes)
+    servicer = FarscopeServicer(replicas, upload_bytes=upload_bytes, keys=keys, job_ttl=job_ttl)
     pb_grpc.add_FarscopeServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if tls is not None:  # (certificate chain PEM, private key PEM)
+        credentials = grpc.ssl_server_credentials([(tls[1], tls[0])])
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"could not bind {host}:{port}")
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     server.start()
     running = Server(server, servicer, health_servicer, bound)
+    if metrics_port is not None:
+        running.metrics_port = servicer.metrics.serve_http(metrics_port, host)
     if serving:
         running.set_serving()
     return running
