@@ -21,16 +21,20 @@ DEFAULT_ADDRESS = "localhost:50051"
 class RemoteModel:
     """A handle on model `name` at `address` (default: $FARSCOPE_ADDRESS, else localhost:50051).
 
+    `api_key` (default: $FARSCOPE_API_KEY) is sent as gRPC metadata; `secure=True` uses TLS with the
+    system's CAs, `ca_path` TLS with the given CA certificate (PEM).
+
     Attribute access walks the module tree (`model.model.layers[5].mlp`); `trace(...)` records
     interventions that run on the server when the block exits.
     """
 
     def __init__(self, name: str, *, address: str | None = None, api_key: str | None = None,
-                 timeout: float | None = None, on_log: Callable[[str], None] | None = None) -> None:
+                 timeout: float | None = None, on_log: Callable[[str], None] | None = None,
+                 secure: bool = False, ca_path: str | None = None) -> None:
         self.name = name
         self.address = address or os.environ.get("FARSCOPE_ADDRESS") or DEFAULT_ADDRESS
         self._transport = Transport(self.address, api_key=api_key or os.environ.get("FARSCOPE_API_KEY"),
-                                    timeout=timeout)
+                                    timeout=timeout, secure=secure, ca_path=ca_path)
         self._description = self._transport.describe(name)
         self._root = build_tree(self, [(m.path, m.class_name) for m in self._description.modules])
         self._tokenizer: Any = None

@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -57,8 +58,15 @@ def _translate(error: grpc.RpcError) -> FarscopeError:
         if cls is TransportError:
             details = f"cannot reach the farscope server ({code.name if code else '?'}): {details}"
     node = metadata.get("farscope-node")
-    return cls(details, node_id=int(node) if node and node.isdigit() else None,
-               job_id=metadata.get("farscope-job"))
+    error = cls(details, node_id=int(node) if node and node.isdigit() else None,
+                job_id=metadata.get("farscope-job"))
+    retry_after = metadata.get("retry-after")
+    if retry_after:
+        try:
+            error.retry_after = float(retry_after)  # how long to wait before a rate limit lets you in
+        except ValueError:
+            pass
+    return error
 
 
 @contextlib.contextmanager
@@ -72,14 +80,20 @@ def _mapped() -> Iterator[None]:
 class Transport:
     """A channel to one farscope server."""
 
-    def __init__(self, address: str, *, api_key: str | None = None, timeout: float | None = None) -> None:
+    def __init__(self, address: str, *, api_key: str | None = None, timeout: float | None = None,
+                 secure: bool = False, ca_path: str | None = None) -> None:
         self.address = address
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        self._channel = grpc.insecure_channel(address, options=[
+        options = [
             ("grpc.max_receive_message_length", 8 * CHUNK_BYTES),
             ("grpc.max_send_message_length", 8 * CHUNK_BYTES),
-        ])
+        ]
+        if secure or ca_path:
+            roots = Path(ca_path).read_bytes() if ca_path else None  # None: the system's CAs
+            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(roots), options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
         self._stub = pb_grpc.FarscopeStub(self._channel)
         self.uploaded: set[str] = set()  # digests of large tensors this server has received
         self.last_request_bytes = 0
