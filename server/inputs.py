@@ -12,10 +12,11 @@ from farscope.interventions.errors import ValidationError
 
 from .executor import Batch
 
-__all__ = ["build_batch"]
+__all__ = ["build_batch", "rows_of"]
 
 
-def _rows_of(tokenizer: Any, value: Any) -> list[list[int]]:
+def rows_of(tokenizer: Any, value: Any) -> list[list[int]]:
+    """The token ids of each row an invoke's input makes."""
     if isinstance(value, str):
         return [tokenizer(value)["input_ids"]]
     if isinstance(value, torch.Tensor):
@@ -39,7 +40,7 @@ def build_batch(model: nn.Module, tokenizer: Any, invokes: list[Any], mode: str 
     sequences: list[list[int]] = []
     vocab = model.get_input_embeddings().num_embeddings
     for index, value in enumerate(invokes):
-        seqs = _rows_of(tokenizer, value)
+        seqs = rows_of(tokenizer, value)
         for seq in seqs:
             if not seq:
                 raise ValidationError(f"input of invoke {index} is empty")

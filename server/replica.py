@@ -6,16 +6,18 @@ import hashlib
 import json
 import threading
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
 from farscope.interventions import codec
-from farscope.interventions.errors import RemoteError
+from farscope.interventions.errors import LimitError, RemoteError
 from farscope.interventions.graph import Graph, Segment
 
+from . import cobatch
 from .attention import instrument
 from .executor import Batch, Executor
-from .inputs import build_batch
+from .inputs import build_batch, rows_of
 from .loading import LoadedModel
 
 __all__ = ["Replica", "Results"]
@@ -68,18 +70,56 @@ class Replica:
     def execute(self, graph: Graph, *, check_cancelled: Any = None, on_log: Any = None,
                 on_progress: Any = None) -> Results:
         start = time.perf_counter()
+        saved = self._run(graph, check_cancelled=check_cancelled, on_log=on_log, on_progress=on_progress)
+        return self._results(graph, saved, time.perf_counter() - start)
+
+    def batch_key(self, graph: Graph) -> Hashable | None:
+        """What `graph` may share a forward pass with (see cobatch.py), or None."""
+        segment = graph.segments[0]
+        if len(graph.segments) != 1 or segment.mode != "trace":
+            return None
+        try:
+            lengths = [len(row) for value in segment.invokes for row in rows_of(self.tokenizer, value)]
+        except Exception:  # malformed inputs fail properly when the graph runs alone
+            return None
+        return cobatch.batch_key(graph, lengths)
+
+    def execute_many(self, graphs: list[Graph], *, check_cancelled: Any = None) -> list[Results | Exception]:
+        """Run compatible graphs in one forward pass; if that fails, each alone (so only the culprit fails)."""
+        start = time.perf_counter()
+        merged, offsets = cobatch.merge(graphs)
+        try:
+            saved = self._run(merged, check_cancelled=check_cancelled)
+        except Exception:
+            outcomes: list[Results | Exception] = []
+            for graph in graphs:
+                try:
+                    outcomes.append(self.execute(graph, check_cancelled=check_cancelled))
+                except Exception as e:
+                    outcomes.append(e)
+            return outcomes
+        seconds = time.perf_counter() - start
+        outcomes = []
+        for graph, part in zip(graphs, cobatch.split(saved, graphs, offsets), strict=True):
+            try:
+                outcomes.append(self._results(graph, part, seconds))
+            except Exception as e:
+                outcomes.append(e)
+        return outcomes
+
+    def _run(self, graph: Graph, **callbacks: Any) -> dict[int, Any]:
+        def batch_for(segment: Segment) -> Batch:
+            return build_batch(self.model, self.tokenizer, segment.invokes, segment.mode)
         with self._lock:
-            def batch_for(segment: Segment) -> Batch:
-                return build_batch(self.model, self.tokenizer, segment.invokes, segment.mode)
-            saved = Executor(self.model, graph, batch_for, check_cancelled=check_cancelled, on_log=on_log,
-                             on_progress=on_progress, max_tensor_bytes=self.limits.max_saved_bytes).run()
+            return Executor(self.model, graph, batch_for, max_tensor_bytes=self.limits.max_saved_bytes,
+                            **callbacks).run()
+
+    def _results(self, graph: Graph, saved: dict[int, Any], seconds: float) -> Results:
         results = _encode(graph, saved)
         if results.nbytes > self.limits.max_saved_bytes:
-            from farscope.interventions.errors import LimitError
-
             raise LimitError(f"saved values take {results.nbytes} bytes; the limit (max_saved_bytes) is "
                              f"{self.limits.max_saved_bytes}")
-        results.run_seconds = time.perf_counter() - start
+        results.run_seconds = seconds
         return results
 
 

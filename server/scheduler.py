@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from farscope.interventions.errors import CancelledError, FarscopeError
@@ -24,9 +24,16 @@ log = logging.getLogger(__name__)
 class Scheduler:
     """Per-user queues and one worker thread that owns the replica's device."""
 
-    def __init__(self, name: str, run: Callable[[Job], Any]) -> None:
+    def __init__(self, name: str, run: Callable[[Job], Any], *,
+                 run_many: Callable[[list[Job]], list[Any]] | None = None,
+                 batch_key: Callable[[Job], Hashable | None] | None = None, max_batch: int = 16) -> None:
+        """`run` runs one job; with `run_many` and `batch_key`, jobs with equal keys (from any users)
+        are taken together, up to `max_batch`, and run as one (co-batching)."""
         self.name = name
         self._run = run
+        self._run_many = run_many
+        self._batch_key = batch_key
+        self.max_batch = max_batch
         self._queues: OrderedDict[str, deque[Job]] = OrderedDict()  # users in turn order
         self._wake = threading.Condition()
         self._closed = False
@@ -91,19 +98,57 @@ class Scheduler:
                     return None
                 self._wake.wait()
 
+    def _key(self, job: Job) -> Hashable | None:
+        if not hasattr(job, "batch_key"):
+            try:
+                job.batch_key = self._batch_key(job) if self._batch_key else None
+            except Exception:
+                job.batch_key = None
+        return job.batch_key
+
+    def _companions(self, first: Job) -> list[Job]:
+        """Queued jobs that can share `first`'s forward pass: queue heads with its key, users in turn."""
+        key = self._key(first) if self._run_many is not None else None
+        if key is None:
+            return []
+        taken: list[Job] = []
+        with self._wake:
+            progress = True
+            while progress and len(taken) + 1 < self.max_batch:
+                progress = False
+                for user in list(self._queues):
+                    queue = self._queues[user]
+                    if queue and not queue[0].cancelled.is_set() and self._key(queue[0]) == key:
+                        taken.append(queue.popleft())
+                        if not queue:
+                            del self._queues[user]
+                        progress = True
+                        if len(taken) + 1 >= self.max_batch:
+                            break
+        return taken
+
     def _loop(self) -> None:
         while (job := self._next()) is not None:
             if job.cancelled.is_set():
                 job.fail(CancelledError("the job was cancelled before it ran", job_id=job.id))
                 continue
+            jobs = [job, *self._companions(job)]
             self.running = job
-            job.emit(Event("running"))
+            for each in jobs:
+                each.emit(Event("running"))
             try:
-                result = self._run(job)
-            except Exception as e:  # the job fails; the worker keeps serving
-                log.info("job %s failed: %s", job.id, e)
-                job.fail(e)
-            else:
-                job.finish(result)
+                if len(jobs) == 1:
+                    outcomes = [self._run(job)]
+                else:
+                    log.info("co-batching %d jobs on %s", len(jobs), self.name)
+                    outcomes = self._run_many(jobs)
+            except Exception as e:  # the jobs fail; the worker keeps serving
+                outcomes = [e] * len(jobs)
             finally:
                 self.running = None
+            for each, outcome in zip(jobs, outcomes, strict=True):
+                if isinstance(outcome, Exception):
+                    log.info("job %s failed: %s", each.id, outcome)
+                    each.fail(outcome)
+                else:
+                    each.finish(outcome)

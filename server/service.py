@@ -86,7 +86,9 @@ def _rate_limiter() -> Any:
 
 class FarscopeServicer(pb_grpc.FarscopeServicer):
     def __init__(self, replicas: dict[str, Replica], *, upload_bytes: int = 1 << 30,
-                 job_ttl: float = 3600.0, keys: Any = None, metrics: Metrics | None = None) -> None:
+                 job_ttl: float = 3600.0, keys: Any = None, metrics: Metrics | None = None,
+                 cobatch: bool = True) -> None:
+        self.cobatch = cobatch
         self.uploads = UploadStore(upload_bytes)  # content-addressed, so shared by all users safely
         self.jobs = JobStore(ttl=job_ttl)
         self.keys = keys  # an auth.KeyStore, or None: no authentication (loopback only, by the CLI)
@@ -99,7 +101,11 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
 
     def add(self, replica: Replica) -> None:
         """Serve one more model (a server binds its port first and adds models as they load)."""
-        scheduler = Scheduler(replica.name, self._runner(replica))
+        if self.cobatch:
+            scheduler = Scheduler(replica.name, self._runner(replica), run_many=self._many_runner(replica),
+                                  batch_key=lambda job: replica.batch_key(job.payload))
+        else:
+            scheduler = Scheduler(replica.name, self._runner(replica))
         self.schedulers[replica.name] = scheduler
         self.replicas[replica.name] = replica
         self.metrics.watch_queue(replica.name, lambda: scheduler.depth)
@@ -131,6 +137,22 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
             return replica.execute(job.payload, check_cancelled=check_cancelled, on_log=on_log,
                                    on_progress=on_progress)
         return run
+
+    @staticmethod
+    def _many_runner(replica: Replica):  # noqa: ANN205
+        def run_many(jobs: list[Job]) -> list[Any]:
+            limit = replica.limits.max_wall_seconds
+            deadline = time.monotonic() + limit
+
+            def check_cancelled() -> None:  # the shared pass stops only if every job was cancelled
+                if all(job.cancelled.is_set() for job in jobs):
+                    raise CancelledError("the job was cancelled")
+                if time.monotonic() > deadline:
+                    raise LimitError(f"the job ran longer than max_wall_seconds={limit:g}")
+            outcomes = replica.execute_many([job.payload for job in jobs], check_cancelled=check_cancelled)
+            return [CancelledError("the job was cancelled") if job.cancelled.is_set() else outcome
+                    for job, outcome in zip(jobs, outcomes, strict=True)]
+        return run_many
 
     # -- who is asking -------------------------------------------------------------------------
 
@@ -374,7 +396,7 @@ class Server:
 def start_server(replicas: dict[str, Replica], *, host: str = "127.0.0.1", port: int = 0,
                  max_workers: int = 32, serving: bool = True, upload_bytes: int = 1 << 30,
                  keys: Any = None, job_ttl: float = 3600.0, metrics_port: int | None = None,
-                 tls: tuple[bytes, bytes] | None = None) -> Server:
+                 tls: tuple[bytes, bytes] | None = None, cobatch: bool = True) -> Server:
     """Start serving `replicas` on host:port (0 picks a free port).
 
     With `serving=False` the health service says NOT_SERVING until `set_serving()`: a server can bind
@@ -385,7 +407,8 @@ def start_server(replicas: dict[str, Replica], *, host: str = "127.0.0.1", port:
         options=[("grpc.max_receive_message_length", 8 * CHUNK_BYTES),
                  ("grpc.max_send_message_length", 8 * CHUNK_BYTES)],
     )
-    servicer = FarscopeServicer(replicas, upload_bytes=upload_bytes, keys=keys, job_ttl=job_ttl)
+    servicer = FarscopeServicer(replicas, upload_bytes=upload_bytes, keys=keys, job_ttl=job_ttl,
+                                cobatch=cobatch)
     pb_grpc.add_FarscopeServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
