@@ -312,7 +312,10 @@ class Tracer:
             chosen = [e for e in self.model.modules() if e.path and e._class_name not in skipped]
         else:
             chosen = [self.model._envoy_at(m) if isinstance(m, str) else m for m in modules]
-        return Cache({envoy.path: envoy.output.save() for envoy in chosen})
+        if self._invoke is None:
+            raise TraceError("tracer.cache() records reads of this invoke's rows: call it inside an invoke")
+        return Cache({envoy.path: self._hook("read", envoy.path, "output", invoke=self._invoke,
+                                             optional=True).save() for envoy in chosen})
 
     def stop(self) -> None:
         """End the forward pass here: nothing recorded after this line runs."""
@@ -341,12 +344,15 @@ class Tracer:
                              "`with tracer.invoke(input):` first")
         return self._hook(op, module, point, value, invoke=self._invoke)
 
-    def _hook(self, op: str, module: str, point: str, value: Any = None, *, invoke: int | None) -> Proxy:
+    def _hook(self, op: str, module: str, point: str, value: Any = None, *, invoke: int | None,
+              optional: bool = False) -> Proxy:
         self._check_open()
         args: tuple = (HookPoint(module, point),) if op == "read" else (HookPoint(module, point), value)
         kwargs: dict[str, Any] = {"invoke": invoke}
         if self._call:
             kwargs["call"] = self._call
+        if optional:
+            kwargs["optional"] = True
         return self.record(op, args, kwargs)
 
     def save(self, proxy: Proxy) -> None:
@@ -358,11 +364,38 @@ class Tracer:
 
 
 class Cache(dict):
-    """Saved module outputs by module path; after the trace, items are the values."""
+    """Saved module outputs by module path; after the trace, items are the values.
+
+    Modules that did not run in the forward pass (e.g. a dropout that attention skips, or everything
+    after an early stop) are left out.
+    """
 
     def __getitem__(self, path: str) -> Any:
         proxy = super().__getitem__(path)
-        return proxy.value if not proxy._tracer.is_open else proxy
+        if proxy._tracer.is_open:
+            return proxy
+        if proxy._missing is not None:
+            raise KeyError(f"{path!r} did not run in this forward pass, so it has no cached output")
+        return proxy.value
+
+    def __contains__(self, path: object) -> bool:
+        return super().__contains__(path) and (super().__getitem__(path)._tracer.is_open
+                                               or super().__getitem__(path)._missing is None)
+
+    def __iter__(self) -> Any:
+        return (path for path in super().__iter__() if path in self)
+
+    def keys(self) -> Any:
+        return list(iter(self))
+
+    def items(self) -> Any:
+        return [(path, self[path]) for path in self]
+
+    def values(self) -> Any:
+        return [self[path] for path in self]
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def _located(graph: Graph, error: FarscopeError) -> FarscopeError:

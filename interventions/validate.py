@@ -222,11 +222,15 @@ def _check_hook_node(node: Node, segment: Segment) -> None:
         return  # its keywords are the module's own
     n_invokes = len(segment.invokes)
     invoke, call = kwargs.get("invoke"), kwargs.get("call", 0)
-    # A read may span the whole batch (invoke=None), e.g. tracer.result outside an invoke.
+    # A read may span the whole batch (invoke=None), e.g. tracer.result outside an invoke, and may be
+    # optional (a cache of every module: one that never runs is left out instead of failing).
     whole = op == "read" and "invoke" in kwargs and invoke is None
-    if not set(kwargs) <= {"invoke", "call"} or not whole and (
+    accepted = {"invoke", "call", "optional"} if op == "read" else {"invoke", "call"}
+    if not set(kwargs) <= accepted or not whole and (
             type(invoke) is not int or not 0 <= invoke < n_invokes):
         raise _fail(f"{node.format()}: needs invoke=<0..{n_invokes - 1}>", index, where)
+    if type(kwargs.get("optional", False)) is not bool:
+        raise _fail(f"{node.format()}: optional must be true or false", index, where)
     if type(call) is not int or call < 0:
         raise _fail(f"{node.format()}: call must be a non-negative int", index, where)
     if args[0].point in ops.ROOT_POINTS and (args[0].module != "" or segment.mode != "generate"):

@@ -154,10 +154,20 @@ class Executor:
             for module, forward in restore:
                 module.forward = forward
             self.frames.clear()
+        self._drop_optional()
         if self.pending and segment.mode == "trace":
             raise self._never_ran(self.graph.nodes[self.pending[0]])
         # Under generate, nodes of steps after the last one (generation stopped early) never run;
         # their saved values are simply absent, which the client reports when asked for them.
+
+    def _drop_optional(self) -> None:
+        """Forget optional reads of modules that never ran, and what depends on them."""
+        dropped: set[int] = set()
+        for nid in self.pending:
+            node = self.graph.nodes[nid]
+            if (node.op == "read" and node.kwargs.get("optional")) or dropped.intersection(self.deps[nid]):
+                dropped.add(nid)
+        self.pending = [n for n in self.pending if n not in dropped]
 
     def _generate(self, segment: Segment) -> None:
         batch = self.state.batch
