@@ -18,13 +18,14 @@ from farscope.interventions.errors import (
 from .envoy import Envoy
 from .model import RemoteModel
 from .proxy import Proxy
-from .tracing import Tracer
+from .tracing import Job, Tracer
 
 __all__ = [
     "RemoteModel",
     "Envoy",
     "Proxy",
     "Tracer",
+    "Job",
     "FarscopeError",
     "TraceError",
     "ValidationError",

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import signal
 import sqlite3
 import sys
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+from .logs import configure
 
 if TYPE_CHECKING:
     from .auth import KeyStore
@@ -46,14 +48,17 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
         if all(info.revoked for info in keys.list()):
             log.warning("no API keys in %s yet: add one with `farscope keys add NAME --db %s`", keys.path, keys.path)
-    # service.start_server enforces keys once it takes a `keys` parameter; until then it gets none.
-    extra: dict[str, KeyStore | None] = {}
-    if "keys" in inspect.signature(start_server).parameters:
-        extra["keys"] = keys
-    elif keys is not None:
-        log.warning("this server build does not check API keys yet: every caller is allowed")
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            print("farscope: --tls-cert and --tls-key go together", file=sys.stderr)
+            return 2
+        tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes())
     # Bind first (health says NOT_SERVING), load, then report SERVING.
-    server = start_server({}, host=host, port=args.port, serving=False, **extra)
+    server = start_server({}, host=host, port=args.port, serving=False, keys=keys, tls=tls,
+                          metrics_port=args.metrics_port, job_ttl=args.job_ttl, cobatch=not args.no_cobatch)
+    if server.metrics_port is not None:
+        log.info("metrics on http://%s:%d/metrics", host, server.metrics_port)
     log.info("listening on %s:%d; loading %s", host, server.port, ", ".join(s.name for s in specs))
     try:
         for spec in specs:
@@ -70,7 +75,8 @@ def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    server.stop(grace=10)
+    log.info("draining: no new jobs; running jobs get %g s", args.grace)
+    server.stop(grace=args.grace)
     if keys is not None:
         keys.close()
     return 0
@@ -143,6 +149,18 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default=None, help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 picks a free one)")
     serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--log-format", choices=("text", "json"), default="text",
+                       help="json: one object a line, with job ids (default text)")
+    serve.add_argument("--metrics-port", type=int, default=None, metavar="N",
+                       help="serve Prometheus metrics on this port (0 picks a free one; default off)")
+    serve.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain")
+    serve.add_argument("--tls-key", metavar="PEM", help="... and this private key")
+    serve.add_argument("--job-ttl", type=float, default=3600.0, metavar="S",
+                       help="keep finished jobs' results this long for fetching by id (default 3600)")
+    serve.add_argument("--grace", type=float, default=30.0, metavar="S",
+                       help="on SIGTERM, let running jobs finish this long before cancelling (default 30)")
+    serve.add_argument("--no-cobatch", action="store_true",
+                       help="run every request in its own forward pass (default: share compatible ones)")
     serve.add_argument("--db", metavar="PATH", help=_DB_HELP)
     serve.add_argument("--no-auth", action="store_true",
                        help="accept calls without an API key (binds 127.0.0.1 unless --host is given)")
@@ -158,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     revoke = keys.add_parser("revoke", parents=[db], help="revoke a key at once")
     revoke.add_argument("name")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "WARNING").upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(getattr(args, "log_level", "WARNING"), getattr(args, "log_format", "text"))
     if args.command == "serve":
         return _serve(args)
     if args.command == "keys":
