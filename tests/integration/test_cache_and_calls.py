@@ -8,12 +8,12 @@ share the server's process).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import torch
+from references import at, count_calls, ids_of, layer
 
 import farscope
 from farscope.interventions.codec import Opaque
@@ -23,26 +23,10 @@ CLEAN = "When Mary and John went to the store, John gave a drink to"  # 16 token
 CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"  # 16 tokens
 EIFFEL = "The Eiffel Tower is located in the city of"
 
-LAYERS = {"llama": "model.layers", "gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers"}
 NORMS = {"llama": "model.norm", "gpt2": "transformer.ln_f", "gpt_neox": "gpt_neox.final_layer_norm"}
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-def at(root: Any, path: str) -> Any:
-    """The envoy (or local module) at a dotted `named_modules()` path."""
-    for part in path.split("."):
-        root = root[int(part)] if part.isdigit() else getattr(root, part)
-    return root
-
-
-def layer(arch: str, i: int) -> str:
-    return f"{LAYERS[arch]}.{i}"
-
-
-def ids_of(tokenizer, text: str) -> torch.Tensor:
-    return torch.tensor([tokenizer(text)["input_ids"]])
 
 
 def run_hooks(model, ids: torch.Tensor, *, read=(), edits: dict[str, Callable] | None = None,
@@ -65,20 +49,6 @@ def run_hooks(model, ids: torch.Tensor, *, read=(), edits: dict[str, Callable] |
         for handle in handles:
             handle.remove()
     return reads, logits
-
-
-@contextlib.contextmanager
-def count_calls(model, paths) -> Iterator[dict[str, int]]:
-    """Counts forward calls of `model`'s modules at `paths` (forward hooks, removed afterwards)."""
-    modules = dict(model.named_modules())
-    counts = dict.fromkeys(paths, 0)
-    handles = [modules[p].register_forward_hook(lambda m, a, o, p=p: counts.__setitem__(p, counts[p] + 1))
-               for p in paths]
-    try:
-        yield counts
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def assert_same(actual: Any, expected: Any, where: str) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from references import at, ids_of, layer
 
 import farscope
 
@@ -24,7 +25,6 @@ SHORT = "The quick brown fox"  # 8 tokens
 LONGER = "The Eiffel Tower is located in the city of"  # 13 tokens
 STEPS = 10
 
-LAYERS = {"llama": "model.layers", "gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers"}
 HIDDEN = 64
 EOS = 2  # the tiny models' <eos>
 PAD = 1  # the tiny models' <pad>
@@ -35,21 +35,6 @@ Edit = Callable[[int, torch.Tensor], torch.Tensor | None]
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-def at(root: Any, path: str) -> Any:
-    """The envoy (or local module) at a dotted `named_modules()` path."""
-    for part in path.split("."):
-        root = root[int(part)] if part.isdigit() else getattr(root, part)
-    return root
-
-
-def layer(arch: str, i: int) -> str:
-    return f"{LAYERS[arch]}.{i}"
-
-
-def ids_of(tokenizer, text: str) -> torch.Tensor:
-    return torch.tensor([tokenizer(text)["input_ids"]])
 
 
 @contextlib.contextmanager

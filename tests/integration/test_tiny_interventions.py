@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from references import LAYERS, at, ids_of, layer
 
 from farscope.interventions.codec import Opaque
 
@@ -26,7 +27,6 @@ LONGER = "The Eiffel Tower is located in the city of"  # 13 tokens
 CLEAN = "When Mary and John went to the store, John gave a drink to"  # 16 tokens
 CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"  # 16 tokens
 
-LAYERS = {"llama": "model.layers", "gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers"}
 HIDDEN = 64
 
 # A left-padded row attends over a longer key sequence whose pad positions are masked out: they add
@@ -41,21 +41,6 @@ W = torch.randn(HIDDEN, HIDDEN, generator=_gen) / 8
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-def at(root: Any, path: str) -> Any:
-    """The envoy (or local module) at a dotted `named_modules()` path."""
-    for part in path.split("."):
-        root = root[int(part)] if part.isdigit() else getattr(root, part)
-    return root
-
-
-def layer(arch: str, i: int) -> str:
-    return f"{LAYERS[arch]}.{i}"
-
-
-def ids_of(tokenizer, text: str) -> torch.Tensor:
-    return torch.tensor([tokenizer(text)["input_ids"]])
 
 
 def run_hooks(
