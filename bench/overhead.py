@@ -215,6 +215,13 @@ def reference_forward(model: Any, input_ids: Any) -> tuple[Any, list[Any]]:
     return result, outputs
 
 
+def _load_average() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "?"
+
+
 def profile(fn: Callable[[], object], calls: int, top: int = 15) -> str:
     profiler = cProfile.Profile()
     profiler.enable()
@@ -244,6 +251,7 @@ def main() -> None:
     if args.repeat < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--repeat and --threads must be positive, --warmup not negative")
 
+    load_before = _load_average()
     # Before torch is imported: OpenMP reads these once, and threads started later (the gRPC server's,
     # the scheduler's) get the same count as the main thread. The NNsight subprocess inherits them.
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -396,6 +404,8 @@ def main() -> None:
     print(f"threads: torch.set_num_threads({args.threads}) -> main {torch.get_num_threads()}, "
           f"server worker {server_threads[0] if server_threads else '?'}"
           + (f", nnsight process {nnsight['threads']}" if nnsight else ""))
+    print(f"load average (1 min): {load_before} at start, {_load_average()} now; anything else running on these "
+          "cores shows up as noise")
     print(f"timing: median of {args.repeat} interleaved rounds after {args.warmup} warm-up; ratio and added ms "
           "vs the first row of the same process")
     print(f"(a)'s graphs: {len(graph.nodes)} nodes, request document {len(document)} bytes; with lm_head "
