@@ -270,12 +270,12 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
             self._abort(context, LimitError(f"API key {user.name!r} already has {user.max_concurrent} jobs queued "
                                             "or running (its max_concurrent quota); retry when one finishes"))
         self.jobs.add(job)
+        log.info("job queued", extra={"job_id": job.id, "user": job.user, "model": job.model})
         try:
             self.schedulers[replica.name].submit(job)
         except FarscopeError as e:
             self._abort(context, e, code=grpc.StatusCode.UNAVAILABLE)
         threading.Thread(target=self._account, args=(job,), daemon=True).start()
-        log.info("job queued", extra={"job_id": job.id, "user": job.user, "model": job.model})
         return job
 
     def _account(self, job: Job) -> None:
