@@ -95,10 +95,12 @@ class JobNotFoundError(FarscopeError):
 
 
 class JobStore:
-    """Jobs by id; finished ones are forgotten `ttl` seconds after they finish."""
+    """Jobs by id; finished ones are forgotten `ttl` seconds after they finish, or sooner (oldest
+    first) once their results together hold more than `max_result_bytes` of memory."""
 
-    def __init__(self, ttl: float = 3600.0) -> None:
+    def __init__(self, ttl: float = 3600.0, max_result_bytes: int = 4 * 2**30) -> None:
         self.ttl = ttl
+        self.max_result_bytes = max_result_bytes
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
 
@@ -126,3 +128,11 @@ class JobStore:
         expired = [i for i, j in self._jobs.items() if j.finished is not None and now - j.finished > self.ttl]
         for job_id in expired:
             del self._jobs[job_id]
+        finished = sorted((j for j in self._jobs.values() if j.finished is not None and j.result is not None),
+                          key=lambda j: j.finished)
+        held = sum(j.result.nbytes for j in finished)
+        for job in finished:
+            if held <= self.max_result_bytes:
+                break
+            held -= job.result.nbytes
+            del self._jobs[job.id]
