@@ -92,7 +92,8 @@ class Graph:
                  version: int = IR_VERSION, segments: list[Segment] | None = None) -> None:
         self.nodes: list[Node] = list(nodes or [])
         self.version = version
-        self.segments: list[Segment] = segments or [Segment(invokes=list(invokes or []), stop=len(self.nodes))]
+        self.segments: list[Segment] = (
+            segments if segments is not None else [Segment(invokes=list(invokes or []), stop=len(self.nodes))])
 
     @property
     def invokes(self) -> list[Any]:

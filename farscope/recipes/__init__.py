@@ -6,5 +6,15 @@ writing a PNG.
 """
 
 from ._result import RecipeResult
+from .attention import AttentionPatternsResult, HeadScoresResult, attention_patterns, head_scores
+from .attribution import DLAResult, direct_logit_attribution
+from .lens import LogitLensResult, logit_lens
+from .patching import PatchingResult, activation_patching, attribution_patching
 
-__all__ = ["RecipeResult"]
+__all__ = [
+    "RecipeResult",
+    "logit_lens", "LogitLensResult",
+    "direct_logit_attribution", "DLAResult",
+    "attention_patterns", "AttentionPatternsResult", "head_scores", "HeadScoresResult",
+    "activation_patching", "attribution_patching", "PatchingResult",
+]

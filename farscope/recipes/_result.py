@@ -43,11 +43,11 @@ def heatmap(plt: Any, values: torch.Tensor, *, title: str, xlabels: list[str] | 
             ylabels: list[str] | None = None, xlabel: str = "", ylabel: str = "", center: bool = True,
             annotations: list[list[str]] | None = None) -> Any:
     """A [rows, columns] heatmap; diverging colours around 0 when `center`."""
-    values = values.detach().float().cpu()
+    values = values.detach().float().cpu().numpy()
     rows, cols = values.shape
     figure, axes = plt.subplots(figsize=(max(6, 0.6 * cols + 2), max(4, 0.28 * rows + 1.5)))
     if center:
-        bound = float(values.abs().max()) or 1.0
+        bound = float(abs(values).max()) or 1.0
         image = axes.imshow(values, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto")
     else:
         image = axes.imshow(values, cmap="viridis", aspect="auto")
@@ -67,7 +67,7 @@ def heatmap(plt: Any, values: torch.Tensor, *, title: str, xlabels: list[str] | 
 
 
 def bars(plt: Any, values: torch.Tensor, labels: list[str], *, title: str, ylabel: str = "") -> Any:
-    values = values.detach().float().cpu()
+    values = values.detach().float().cpu().numpy()
     figure, axes = plt.subplots(figsize=(max(6, 0.25 * len(labels) + 2), 4))
     colours = ["tab:red" if v < 0 else "tab:blue" for v in values.tolist()]
     axes.bar(range(len(labels)), values, color=colours)
