@@ -289,8 +289,11 @@ class Executor:
 
     def _read(self, node: Node) -> Any:
         frame = self.frames[-1]
-        if (node.id in self.grad_targets or self.state.grads) and isinstance(frame.value, torch.Tensor):
-            frame.value = _grad_enabled(frame.value)
+        if node.id in self.grad_targets or self.state.grads:
+            if isinstance(frame.value, torch.Tensor):
+                frame.value = _grad_enabled(frame.value)
+            elif type(frame.value) is tuple:  # e.g. an attention module's (output, weights)
+                frame.value = tuple(_grad_enabled(v) if isinstance(v, torch.Tensor) else v for v in frame.value)
         invoke = node.kwargs["invoke"]
         if frame.rows is None or invoke is None:
             return frame.value
