@@ -229,6 +229,8 @@ def _check_hook_node(node: Node, segment: Segment) -> None:
     if not set(kwargs) <= accepted or not whole and (
             type(invoke) is not int or not 0 <= invoke < n_invokes):
         raise _fail(f"{node.format()}: needs invoke=<0..{n_invokes - 1}>", index, where)
+    if not n_invokes:  # a whole-batch read of no inputs: there is no forward pass to read from
+        raise _fail(f"{node.format()}: the trace has no inputs (invokes) to run the model on", index, where)
     if type(kwargs.get("optional", False)) is not bool:
         raise _fail(f"{node.format()}: optional must be true or false", index, where)
     if type(call) is not int or call < 0:

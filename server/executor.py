@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from farscope.interventions import ops
-from farscope.interventions.errors import FarscopeError, RemoteError
+from farscope.interventions.errors import FarscopeError, LimitError, RemoteError
 from farscope.interventions.graph import Graph, HookPoint, Node, Ref, Segment, iter_refs, map_args
 
 from .guard import check_allocation
@@ -285,7 +285,13 @@ class Executor:
         assert fn is not None
         args, kwargs = self._resolve(node.args), self._resolve(node.kwargs)
         check_allocation(op, args, kwargs, self.max_tensor_bytes)
-        return fn(*args, **kwargs)
+        value = fn(*args, **kwargs)
+        # Ops whose output size follows their inputs (expand then clone, outer, pad, ...) are bounded
+        # here, after the fact: one oversized tensor fails the job before it can compound.
+        if isinstance(value, torch.Tensor) and value.nbytes > self.max_tensor_bytes:
+            raise LimitError(f"{op} produced {value.nbytes} bytes, over the per-request limit of "
+                             f"{self.max_tensor_bytes} bytes (max_saved_bytes)")
+        return value
 
     def _read(self, node: Node) -> Any:
         frame = self.frames[-1]

@@ -46,6 +46,26 @@ SERVICE_NAME = "farscope.v1.Farscope"
 SERVER_VERSION = "0.1.0"
 
 
+# A status message travels percent-encoded in grpc-message; past gRPC's 8 KiB metadata limit the call is
+# dropped and the client sees RESOURCE_EXHAUSTED instead of the error. Requests' values are quoted in messages.
+_MAX_DETAILS = 6000
+
+
+def _bounded(message: str) -> str:
+    """`message`, cut to what grpc-message can carry."""
+    size = 0
+    for i, char in enumerate(message):
+        size += 1 if " " <= char <= "~" and char != "%" else 3 * len(char.encode("utf-8", "replace"))
+        if size > _MAX_DETAILS:
+            return message[:i] + " [...]"
+    return message
+
+
+def _quote(text: str) -> str:
+    """A name a client sent, for an error message: repr'd and at most about 120 characters."""
+    return repr(text) if len(text) <= 120 else repr(text[:117]) + "..."
+
+
 def _status(error: FarscopeError) -> grpc.StatusCode:
     for cls in type(error).__mro__:
         if cls in STATUS_OF:
@@ -75,7 +95,7 @@ def _abort(context: grpc.ServicerContext, error: FarscopeError, *, code: grpc.St
     if error.job_id:
         metadata.append(("farscope-job", error.job_id))
     context.set_trailing_metadata(metadata)
-    context.abort(code, error.message)
+    context.abort(code, _bounded(error.message))
 
 
 def _rate_limiter() -> Any:
@@ -181,7 +201,7 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
             return self.replicas[name]
         except KeyError:
             raise ModelNotFoundError(
-                f"no model named {name!r} is served here; served: {', '.join(sorted(self.replicas))}"
+                f"no model named {_quote(name)} is served here; served: {', '.join(sorted(self.replicas))}"
             ) from None
 
     def _summary(self, replica: Replica) -> pb.ModelSummary:
@@ -296,7 +316,7 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
         user = self._user(context, rpc)
         job = self.jobs.get(job_id)
         if job is None or (user is not None and job.user != user.name):  # others' jobs do not exist
-            self._abort(context, FarscopeError(f"no job {job_id!r} here: unknown, or its results expired"),
+            self._abort(context, FarscopeError(f"no job {_quote(job_id)} here: unknown, or its results expired"),
                         code=grpc.StatusCode.NOT_FOUND)
         return job
 
@@ -335,7 +355,7 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
             raise VersionError(
                 f"this server (farscope {SERVER_VERSION}) accepts graph IR version(s) "
                 f"{', '.join(map(str, SUPPORTED_IR_VERSIONS))}; the client (farscope "
-                f"{header.client_version or '?'}) sent version {header.ir_version}. Install a farscope "
+                f"{(header.client_version or '?')[:64]}) sent version {header.ir_version}. Install a farscope "
                 "client that matches this server."
             )
         limit = replica.limits.max_request_bytes
