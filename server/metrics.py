@@ -39,5 +39,11 @@ class Metrics:
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Expose /metrics on host:port (0 picks a free port); returns the port."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
-        return server.server_address[1]
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._http.server_address[1]
+
+    def close(self) -> None:
+        http = getattr(self, "_http", None)
+        if http is not None:
+            http.shutdown()
+            http.server_close()

@@ -294,6 +294,7 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
         try:
             self.schedulers[replica.name].submit(job)
         except FarscopeError as e:
+            job.fail(e)  # refused while draining: finished, so it holds no quota
             self._abort(context, e, code=grpc.StatusCode.UNAVAILABLE)
         threading.Thread(target=self._account, args=(job,), daemon=True).start()
         return job
@@ -409,8 +410,12 @@ class Server:
         """Drain and stop: NOT_SERVING at once, no new jobs, queued jobs failed clearly, running jobs
         given `grace` seconds to finish (then cancelled), their clients sent the outcome, then exit."""
         self.health.enter_graceful_shutdown()
+        busy = any(s.running is not None for s in self.servicer.schedulers.values())
         self.servicer.close(grace=grace or 0.0)
+        if busy:  # jobs finished during the drain: their non-blocking clients still need to Fetch
+            time.sleep(min(2.0, grace or 0.0))
         self.grpc_server.stop(max(grace or 0.0, 1.0)).wait()
+        self.servicer.metrics.close()
 
 
 def start_server(replicas: dict[str, Replica], *, host: str = "127.0.0.1", port: int = 0,
