@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -59,6 +60,22 @@ def experiment(model: farscope.RemoteModel) -> None:
     for name, top in (("plain", plain), (f"steered (Rome-Paris @ layer {STEER_LAYER})", steered)):
         tokens = ", ".join(f"{tok.decode(int(i))!r} {p:.3f}" for p, i in zip(top.values, top.indices, strict=True))
         print(f"  {name:<36} {tokens}")
+
+    # Two recipes, with pictures: the logit lens, and the IOI residual-stream patching sweep.
+    from farscope import recipes
+
+    lens = recipes.logit_lens(model, EIFFEL, k=5)
+    paris_layers = [layer for layer in range(lens.probs.shape[0]) if lens.top_tokens[layer][-1][0] == " Paris"]
+    print(f"\nLogit lens on {EIFFEL!r}: ' Paris' is top-1 at layers {paris_layers}")
+    sweep = recipes.activation_patching(
+        model, CLEAN, CORRUPTED, lambda logits: logits[0, -1, mary] - logits[0, -1, john], component="resid")
+    best = [int(sweep.effect[layer].abs().argmax()) for layer in range(sweep.effect.shape[0])]
+    print(f"IOI resid patching (denoising, {sweep.effect.shape[0]} layers x {sweep.effect.shape[1]} positions): "
+          f"largest effect at position {best[0]} ({sweep.tokens[best[0]]!r}) in layer 0, "
+          f"{best[-1]} ({sweep.tokens[best[-1]]!r}) in the last layer")
+    out = Path(os.environ.get("FARSCOPE_DEMO_DIR", "demo-output"))
+    for name, result in (("logit_lens.png", lens), ("ioi_resid_patching.png", sweep)):
+        print(f"  wrote {result.plot(out / name)}")
 
 
 def _start_server() -> tuple[subprocess.Popen, str]:
