@@ -54,6 +54,10 @@ def _serve(args: argparse.Namespace) -> int:
             print("farscope: --tls-cert and --tls-key go together", file=sys.stderr)
             return 2
         tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes())
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     # Bind first (health says NOT_SERVING), load, then report SERVING.
     server = start_server({}, host=host, port=args.port, serving=False, keys=keys, tls=tls,
                           metrics_port=args.metrics_port, job_ttl=args.job_ttl, cobatch=not args.no_cobatch)
@@ -159,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="keep finished jobs' results this long for fetching by id (default 3600)")
     serve.add_argument("--grace", type=float, default=30.0, metavar="S",
                        help="on SIGTERM, let running jobs finish this long before cancelling (default 30)")
+    serve.add_argument("--torch-threads", type=int, default=None, metavar="N",
+                       help="torch intra-op threads on CPU (default: torch's). On small CPU boxes 1 is often "
+                            "much faster: the RPC threads need the cores too")
     serve.add_argument("--no-cobatch", action="store_true",
                        help="run every request in its own forward pass (default: share compatible ones)")
     serve.add_argument("--db", metavar="PATH", help=_DB_HELP)

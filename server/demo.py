@@ -81,7 +81,7 @@ def experiment(model: farscope.RemoteModel) -> None:
 def _start_server() -> tuple[subprocess.Popen, str]:
     # Auth off, which the server allows only on loopback: the demo's client is this process.
     command = [sys.executable, "-m", "farscope.server.cli", "serve", "--no-auth", "--port", "0",
-               "--log-level", "WARNING"]
+               "--log-level", "WARNING", "--torch-threads", "1"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
     deadline = time.monotonic() + 600  # the first start converts the GGUF file (~30 s)
