@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
@@ -98,6 +98,19 @@ def _abort(context: grpc.ServicerContext, error: FarscopeError, *, code: grpc.St
     context.abort(code, _bounded(error.message))
 
 
+def _stopper(jobs: list[Job], limit: float) -> Callable[[], None]:
+    """The check run at every hook: a pass stops at its next module once all its jobs are cancelled
+    (a shared pass serves the others on) or once it has run longer than `limit` seconds."""
+    deadline = time.monotonic() + limit
+
+    def check() -> None:
+        if all(job.cancelled.is_set() for job in jobs):
+            raise CancelledError("the job was cancelled")
+        if time.monotonic() > deadline:
+            raise LimitError(f"the job ran longer than max_wall_seconds={limit:g}")
+    return check
+
+
 def _rate_limiter() -> Any:
     from .auth import RateLimiter
 
@@ -139,15 +152,7 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
     @staticmethod
     def _runner(replica: Replica):  # noqa: ANN205
         def run(job: Job) -> Results:
-            limit = replica.limits.max_wall_seconds
-            deadline = time.monotonic() + limit
-
-            # Called at every hook: a cancelled or overdue job stops at its next module.
-            def check_cancelled() -> None:
-                if job.cancelled.is_set():
-                    raise CancelledError("the job was cancelled")
-                if time.monotonic() > deadline:
-                    raise LimitError(f"the job ran longer than max_wall_seconds={limit:g}")
+            check_cancelled = _stopper([job], replica.limits.max_wall_seconds)
 
             def on_log(text: str) -> None:
                 job.emit(Event("log", text=text))
@@ -161,14 +166,7 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
     @staticmethod
     def _many_runner(replica: Replica):  # noqa: ANN205
         def run_many(jobs: list[Job]) -> list[Any]:
-            limit = replica.limits.max_wall_seconds
-            deadline = time.monotonic() + limit
-
-            def check_cancelled() -> None:  # the shared pass stops only if every job was cancelled
-                if all(job.cancelled.is_set() for job in jobs):
-                    raise CancelledError("the job was cancelled")
-                if time.monotonic() > deadline:
-                    raise LimitError(f"the job ran longer than max_wall_seconds={limit:g}")
+            check_cancelled = _stopper(jobs, replica.limits.max_wall_seconds)
             outcomes = replica.execute_many([job.payload for job in jobs], check_cancelled=check_cancelled)
             return [CancelledError("the job was cancelled") if job.cancelled.is_set() else outcome
                     for job, outcome in zip(jobs, outcomes, strict=True)]
