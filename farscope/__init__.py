@@ -11,9 +11,18 @@ touch a model start without importing torch.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from farscope._version import __version__
+
+# The layout rule: every top-level code folder `X/` of the checkout is `farscope.X`. Installed, the
+# subpackages lie beside this file (a wheel, or the strict editable install's link tree). A script run
+# from the checkout's root finds this folder first, not the link tree, so there the checkout's root
+# itself joins the package's search path and `farscope.client` is `client/`.
+_checkout = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+if os.path.isfile(os.path.join(_checkout, "pyproject.toml")) and _checkout not in __path__:
+    __path__.append(_checkout)
 
 __all__ = [
     "__version__",

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "READ", "WRITE", "SKIP", "CALL_MODULE", "GRAD", "SET_GRAD", "BACKWARD", "STOP", "LOG", "SAVE",
+    "GETATTR", "FIELD", "SETITEM",
     "OpSpec",
     "REGISTRY",
     "TENSOR_ATTRIBUTES",
@@ -38,6 +40,22 @@ __all__ = [
     "get",
 ]
 
+# The special ops' wire names. Code that treats one of them specially names it by these constants, so
+# that this module stays the one place where op names are spelled.
+READ = "read"  # read(hook, invoke=i, call=c): a module's output / input / inputs, or the generated ids
+WRITE = "write"  # write(hook, value, invoke=i, call=c): replace a hook point's value in the invoke's rows
+SKIP = "skip"  # skip(module.output, value, invoke=i, call=c): the module does not run; value is its output
+CALL_MODULE = "call_module"  # call_module(module.forward, *args, **kwargs): run a module out of order
+GRAD = "grad"  # grad(%x): %x's gradient, during backward
+SET_GRAD = "set_grad"  # set_grad(%x, value): replace %x's gradient
+BACKWARD = "backward"  # backward(%loss, retain_graph=...)
+STOP = "stop"  # end the forward pass here
+LOG = "log"  # send values to the client as a log event
+SAVE = "save"  # send a value back when the request ends
+GETATTR = "getattr"  # getattr(%x, name): a whitelisted tensor attribute (TENSOR_ATTRIBUTES)
+FIELD = "field"  # field(%out, name): a model output's field (.logits) or a torch named result's
+SETITEM = "setitem"  # %x[key] = value (in place; records as an operator)
+
 # Hook points of a module: its output, its first positional input, all of (args, kwargs). The root
 # module also has `result` under generate: the generated token ids. `forward` names a module to call.
 HOOK_POINTS = ("output", "input", "inputs")
@@ -45,13 +63,13 @@ ROOT_POINTS = ("result",)
 CALL_POINT = "forward"
 # Ops whose first argument is a module hook point, and the points each accepts.
 HOOK_OPS = {
-    "read": HOOK_POINTS + ROOT_POINTS,
-    "write": HOOK_POINTS,
-    "skip": ("output",),
-    "call_module": (CALL_POINT,),
+    READ: HOOK_POINTS + ROOT_POINTS,
+    WRITE: HOOK_POINTS,
+    SKIP: ("output",),
+    CALL_MODULE: (CALL_POINT,),
 }
 # Ops whose first argument must be a reference to the value they concern.
-TARGET_OPS = ("grad", "set_grad", "backward")
+TARGET_OPS = (GRAD, SET_GRAD, BACKWARD)
 
 # Attributes that may be read off a value with the `getattr` op. Anything else is refused, so a
 # graph can never walk into `__class__`, `__globals__` or a module's internals.
@@ -189,9 +207,9 @@ def _build() -> tuple[dict[str, OpSpec], dict[Any, tuple[str, bool]], dict[str, 
         by_callable[getattr(torch.Tensor, dunder)] = (name, False)
         if rdunder and hasattr(torch.Tensor, rdunder):
             by_callable[getattr(torch.Tensor, rdunder)] = (name, True)
-    add(OpSpec("setitem", "operator", _setitem, 3, 3, inplace=True))
-    dunders["setitem"] = ("__setitem__", None)
-    by_callable[torch.Tensor.__setitem__] = ("setitem", False)
+    add(OpSpec(SETITEM, "operator", _setitem, 3, 3, inplace=True))
+    dunders[SETITEM] = ("__setitem__", None)
+    by_callable[torch.Tensor.__setitem__] = (SETITEM, False)
     for name, (fn, dunder) in _INPLACE.items():
         add(OpSpec(name, "operator", fn, 2, 2, inplace=True))
         dunders[name] = (dunder, None)
@@ -217,18 +235,18 @@ def _build() -> tuple[dict[str, OpSpec], dict[Any, tuple[str, bool]], dict[str, 
         by_callable.setdefault(fn, (f"torch.nn.functional.{function}", False))
 
     # Special ops, run by the executor itself (fn is None where the executor needs its own state).
-    add(OpSpec("read", "special", None, 1, 1))  # read(hook, invoke=i, call=c)
-    add(OpSpec("write", "special", None, 2, 2, inplace=True))  # write(hook, value, invoke=i, call=c)
-    add(OpSpec("skip", "special", None, 2, 2))  # skip(module.output, value, invoke=i, call=c)
-    add(OpSpec("call_module", "special", None, 1, None))  # call_module(module.forward, *args, **kwargs)
-    add(OpSpec("grad", "special", None, 1, 1))  # grad(%x): %x's gradient, during backward
-    add(OpSpec("set_grad", "special", None, 2, 2, inplace=True))  # replace %x's gradient
-    add(OpSpec("backward", "special", None, 1, 1))  # backward(%loss, retain_graph=...)
-    add(OpSpec("stop", "special", None, 0, 0))  # end the forward pass here
-    add(OpSpec("log", "special", None, 0, None))  # send values to the client as a log event
-    add(OpSpec("save", "special", _save, 1, 1))
-    add(OpSpec("getattr", "special", _getattr, 2, 2))
-    add(OpSpec("field", "special", _field, 2, 2))
+    add(OpSpec(READ, "special", None, 1, 1))
+    add(OpSpec(WRITE, "special", None, 2, 2, inplace=True))
+    add(OpSpec(SKIP, "special", None, 2, 2))
+    add(OpSpec(CALL_MODULE, "special", None, 1, None))
+    add(OpSpec(GRAD, "special", None, 1, 1))
+    add(OpSpec(SET_GRAD, "special", None, 2, 2, inplace=True))
+    add(OpSpec(BACKWARD, "special", None, 1, 1))
+    add(OpSpec(STOP, "special", None, 0, 0))
+    add(OpSpec(LOG, "special", None, 0, None))
+    add(OpSpec(SAVE, "special", _save, 1, 1))
+    add(OpSpec(GETATTR, "special", _getattr, 2, 2))
+    add(OpSpec(FIELD, "special", _field, 2, 2))
     return registry, by_callable, dunders
 
 
