@@ -17,15 +17,13 @@ from typing import Any
 import grpc
 
 from farscope.interventions import codec
+from farscope.interventions.codec import CHUNK_BYTES, MAX_MESSAGE_BYTES
 from farscope.interventions.errors import (
     ERROR_CLASSES,
-    STATUS_OF,
-    AuthError,
     FarscopeError,
-    LimitError,
     TransportError,
     UploadMissingError,
-    ValidationError,
+    class_of_status,
 )
 from farscope.interventions.graph import IR_VERSION, Graph, to_document
 from farscope.proto import farscope_pb2 as pb
@@ -33,18 +31,8 @@ from farscope.proto import farscope_pb2_grpc as pb_grpc
 
 from .._version import __version__
 
-__all__ = ["Transport", "CHUNK_BYTES"]
+__all__ = ["Transport"]
 
-CHUNK_BYTES = 1 << 20
-_CLASS_OF_STATUS: dict[str, type[FarscopeError]] = {status: cls for cls, status in STATUS_OF.items()}
-_CLASS_OF_STATUS.update({
-    "UNAUTHENTICATED": AuthError,
-    "PERMISSION_DENIED": AuthError,
-    "RESOURCE_EXHAUSTED": LimitError,
-    "UNAVAILABLE": TransportError,
-    "DEADLINE_EXCEEDED": TransportError,
-    "INVALID_ARGUMENT": ValidationError,
-})
 
 
 def _translate(error: grpc.RpcError) -> FarscopeError:
@@ -54,7 +42,7 @@ def _translate(error: grpc.RpcError) -> FarscopeError:
     name = metadata.get("farscope-error")
     cls = ERROR_CLASSES.get(name) if name else None
     if cls is None:
-        cls = _CLASS_OF_STATUS.get(code.name if code else "", FarscopeError)
+        cls = class_of_status(code.name if code else "")
         if cls is TransportError:
             details = f"cannot reach the farscope server ({code.name if code else '?'}): {details}"
     node = metadata.get("farscope-node")
@@ -86,8 +74,8 @@ class Transport:
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         options = [
-            ("grpc.max_receive_message_length", 8 * CHUNK_BYTES),
-            ("grpc.max_send_message_length", 8 * CHUNK_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
         if secure or ca_path:
             roots = Path(ca_path).read_bytes() if ca_path else None  # None: the system's CAs

@@ -39,6 +39,8 @@ from .graph import HookPoint, Ref
 from .uploads import UPLOAD_THRESHOLD, UploadStore, digest
 
 __all__ = [
+    "CHUNK_BYTES",
+    "MAX_MESSAGE_BYTES",
     "DTYPES",
     "encode",
     "decode",
@@ -77,6 +79,11 @@ _RETURN_TYPES = {
 }
 
 # Deeper than any real argument; shallow enough that hostile nesting cannot exhaust the stack.
+# Values larger than this travel as several messages (graph chunks, result chunks, tokenizer files);
+# every message stays far below gRPC's 4 MiB default, and both sides allow up to 8 chunks a message.
+CHUNK_BYTES = 1 << 20
+MAX_MESSAGE_BYTES = 8 * CHUNK_BYTES
+
 MAX_DEPTH = 48
 
 if sys.byteorder != "little":  # the wire is little-endian and tensors are sent as their memory

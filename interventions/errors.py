@@ -14,8 +14,8 @@
     └── TransportError             the server could not be reached or the connection broke
 
 Each error carries what is known of its context: the job id, the node (`%5 = add(%3, %4)`) and the
-user's line that recorded it. `STATUS_OF` is the one table mapping classes to gRPC status names; the
-server aborts with it and the client maps back in one place (`farscope.client.transport`).
+user's line that recorded it. `STATUS_OF` is the one table mapping classes to gRPC status names:
+`status_of` reads it for the server's aborts, `class_of_status` reads it backwards for the client.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ __all__ = [
     "TransportError",
     "STATUS_OF",
     "ERROR_CLASSES",
+    "status_of",
+    "class_of_status",
 ]
 
 
@@ -150,3 +152,24 @@ ERROR_CLASSES: dict[str, type[FarscopeError]] = {
         TransportError,
     )
 }
+
+
+# Statuses a server never aborts with but grpc itself reports (a deadline, the connection): what they
+# mean to a user.
+_TRANSPORT_STATUSES = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
+def status_of(error: FarscopeError) -> str:
+    """The gRPC status name an error travels as: its nearest class in `STATUS_OF`."""
+    for cls in type(error).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]
+    return STATUS_OF[FarscopeError]
+
+
+def class_of_status(status: str) -> type[FarscopeError]:
+    """The first class `STATUS_OF` lists for `status` (the error's own class name travels beside the
+    status, in the trailing metadata, and wins where it is known)."""
+    if status in _TRANSPORT_STATUSES:
+        return TransportError
+    return next((cls for cls, name in STATUS_OF.items() if name == status), FarscopeError)

@@ -17,8 +17,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from farscope.interventions import codec
+from farscope.interventions.codec import CHUNK_BYTES, MAX_MESSAGE_BYTES
 from farscope.interventions.errors import (
-    STATUS_OF,
     CancelledError,
     FarscopeError,
     LimitError,
@@ -26,6 +26,7 @@ from farscope.interventions.errors import (
     PermissionDeniedError,
     ValidationError,
     VersionError,
+    status_of,
 )
 from farscope.interventions.uploads import UploadStore
 from farscope.interventions.validate import SUPPORTED_IR_VERSIONS, GraphLimits, validate
@@ -37,11 +38,10 @@ from .metrics import Metrics
 from .replica import Replica, Results
 from .scheduler import Scheduler
 
-__all__ = ["FarscopeServicer", "Server", "start_server", "CHUNK_BYTES", "SERVICE_NAME"]
+__all__ = ["FarscopeServicer", "Server", "start_server", "SERVICE_NAME"]
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 1 << 20  # every streamed message stays far below gRPC's 4 MiB default
 SERVICE_NAME = "farscope.v1.Farscope"
 SERVER_VERSION = "0.1.0"
 
@@ -67,10 +67,7 @@ def _quote(text: str) -> str:
 
 
 def _status(error: FarscopeError) -> grpc.StatusCode:
-    for cls in type(error).__mro__:
-        if cls in STATUS_OF:
-            return grpc.StatusCode[STATUS_OF[cls]]
-    return grpc.StatusCode.INTERNAL
+    return grpc.StatusCode[status_of(error)]
 
 
 def _as_farscope(error: BaseException | None, job: Job) -> FarscopeError:
@@ -427,8 +424,8 @@ def start_server(replicas: dict[str, Replica], *, host: str = "127.0.0.1", port:
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="farscope-rpc"),
-        options=[("grpc.max_receive_message_length", 8 * CHUNK_BYTES),
-                 ("grpc.max_send_message_length", 8 * CHUNK_BYTES)],
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
     )
     servicer = FarscopeServicer(replicas, upload_bytes=upload_bytes, keys=keys, job_ttl=job_ttl,
                                 cobatch=cobatch)
