@@ -29,9 +29,8 @@ from typing import Any
 
 import torch
 
-from ._arch import layout_of
+from ._arch import layout_of, n_heads_of
 from ._result import RecipeResult, heatmap
-from .attribution import n_heads_of
 
 __all__ = ["AttentionPatternsResult", "HeadScoresResult", "attention_patterns", "head_scores", "KINDS"]
 

@@ -39,13 +39,12 @@ from typing import Any
 
 import torch
 
-from ._arch import layout_of
+from ._arch import d_model_of, layout_of, n_heads_of
 from ._result import RecipeResult, bars, heatmap
 
 __all__ = ["DLAResult", "direct_logit_attribution"]
 
 # Whether the architecture's norms subtract the mean (LayerNorm) or not (RMSNorm).
-_CENTERED = {"LlamaForCausalLM": False, "GPT2LMHeadModel": True, "GPTNeoXForCausalLM": True}
 _PROBE_SCALE = 100.0
 _CHUNK = 256  # rows of the identity per unembedding call: bounds the server's [rows, vocab] scratch
 
@@ -118,23 +117,6 @@ class DLAResult(RecipeResult):
                     f"(sum {float(self.total):.3f}, model {float(self.logit_diff):.3f})", ylabel="contribution")
 
 
-def config_value(model: Any, *names: str) -> int:
-    """The first of `names` the model's config has (GPT-2's config says n_head / n_embd)."""
-    config = model.config
-    for name in names:
-        if getattr(config, name, None) is not None:
-            return int(getattr(config, name))
-    raise AttributeError(f"the model's config has none of {', '.join(names)}")
-
-
-def n_heads_of(model: Any) -> int:
-    return config_value(model, "num_attention_heads", "n_head")
-
-
-def d_model_of(model: Any) -> int:
-    return config_value(model, "hidden_size", "n_embd", "d_model")
-
-
 def _token_id(tokenizer: Any, token: str | int) -> tuple[int, str]:
     if isinstance(token, int):
         return token, tokenizer.decode([token])
@@ -151,9 +133,7 @@ def direct_logit_attribution(model: Any, prompt: str, target: str | int,
     docstring for the decomposition and where each weight comes from). One request, one forward pass.
     """
     layout = layout_of(model)
-    if model.architecture not in _CENTERED:
-        raise NotImplementedError(f"direct_logit_attribution does not know {model.architecture}'s final norm")
-    centered = _CENTERED[model.architecture]
+    centered = layout.centered
     tokenizer = model.tokenizer
     target_id, target_text = _token_id(tokenizer, target)
     foil_id, foil_text = (None, None) if foil is None else _token_id(tokenizer, foil)

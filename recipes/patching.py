@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ._arch import Layout, layout_of
+from ._arch import Layout, d_model_of, layout_of, n_heads_of
 from ._result import RecipeResult, heatmap
 
 __all__ = ["PatchingResult", "activation_patching", "attribution_patching"]
@@ -121,22 +121,6 @@ class PatchingResult(RecipeResult):
 
 
 # -- the model's shape ---------------------------------------------------------------------------
-
-
-def _config(model: Any, *names: str) -> int:
-    config = vars(model.config)
-    for name in names:
-        if config.get(name) is not None:
-            return int(config[name])
-    raise ValueError(f"the model's config has none of {', '.join(names)}")
-
-
-def _d_model(model: Any) -> int:
-    return _config(model, "hidden_size", "n_embd", "d_model")
-
-
-def _n_heads(model: Any) -> int:
-    return _config(model, "num_attention_heads", "n_head")
 
 
 def _ids(model: Any, prompt: Any) -> list[int]:
@@ -271,7 +255,7 @@ def activation_patching(model: Any, clean: Any, corrupted: Any, metric: Metric, 
     unit_noise = None
     if kind == "noise":
         generator = torch.Generator().manual_seed(seed)
-        unit_noise = torch.randn(1, n, _d_model(model), generator=generator)
+        unit_noise = torch.randn(1, n, d_model_of(model), generator=generator)
         if noise_positions is not None:
             keep = torch.zeros(n, dtype=torch.bool)
             keep[_indices("noise position", noise_positions, n)] = True
@@ -281,7 +265,7 @@ def activation_patching(model: Any, clean: Any, corrupted: Any, metric: Metric, 
 
     layer_list = _indices("layer", layers, layout.n_layers(model))
     position_list = _indices("position", positions, n)
-    heads = list(range(_n_heads(model))) if component == "head" else None
+    heads = list(range(n_heads_of(model))) if component == "head" else None
     patches = [(layer, p, h) for layer in layer_list for p in position_list for h in (heads or [None])]
 
     plan = _Plan(model, layout, component, kind, setup, metric, clean_ids, corrupted_ids, rows, unit_noise,
@@ -425,7 +409,7 @@ def attribution_patching(model: Any, clean: Any, corrupted: Any, metric: Metric,
     n = len(clean_ids)
     layer_list = _indices("layer", layers, layout.n_layers(model))
     position_list = _indices("position", positions, n)
-    heads = list(range(_n_heads(model))) if component == "head" else None
+    heads = list(range(n_heads_of(model))) if component == "head" else None
     unembed = layout.at(model, layout.unembed)
 
     with model.trace() as tracer:

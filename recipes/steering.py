@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ._arch import layout_of
+from ._arch import envoy_at, layout_of
 from ._result import RecipeResult
 from .inputs import token_labels
 
@@ -29,10 +29,7 @@ POSITIONS = ("all", "last")
 def layer_envoy(model: Any, layer: int | str) -> Any:
     """The decoder layer `layer` (an index into the model's layers) or the module at a dotted path."""
     if isinstance(layer, str):
-        node = model
-        for part in layer.split("."):
-            node = node[int(part)] if part.isdigit() else getattr(node, part)
-        return node
+        return envoy_at(model, layer)
     layout = layout_of(model)
     return layout.at(model, layout.layers)[int(layer)]
 
