@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 
-__all__ = ["JsonFormatter", "configure"]
+__all__ = ["JsonFormatter", "TextFormatter", "configure", "escape_controls"]
 
 _FIELDS = ("job_id", "user", "model", "seconds")
+# Line breaks and other control characters a client can put in a message (a node's `where`, a model
+# name): in a text log they would forge whole lines. JSON logs escape them by construction.
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    """`text` with every control character written as its escape (`\\n`, `\\x1b`, `\\u2028`)."""
+    return _CONTROLS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 class JsonFormatter(logging.Formatter):
@@ -32,17 +41,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-class _TextFormatter(logging.Formatter):
+class TextFormatter(logging.Formatter):
+    """One line per record (a traceback, the server's own, aside), whatever the message holds."""
+
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        fields = " ".join(f"{n}={getattr(record, n)}" for n in _FIELDS if getattr(record, n, ""))
+        safe = logging.makeLogRecord({**record.__dict__, "msg": escape_controls(record.getMessage()), "args": None})
+        text = super().format(safe)
+        fields = " ".join(f"{n}={escape_controls(str(getattr(record, n)))}" for n in _FIELDS if getattr(record, n, ""))
         return f"{text} [{fields}]" if fields else text
 
 
 def configure(level: str = "INFO", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else
-                         _TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+                         TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
