@@ -18,7 +18,8 @@ from farscope.interventions.errors import (
 from .envoy import Envoy
 from .model import RemoteModel
 from .proxy import Proxy
-from .tracing import Job, Tracer
+from .runner import Job
+from .tracing import Tracer
 
 __all__ = [
     "RemoteModel",

@@ -8,51 +8,52 @@ assigning to them replaces the module's value in the forward pass.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from farscope.interventions import ops
 from farscope.interventions.graph import HookPoint
 
 from .proxy import Proxy
-from .tracing import active_tracer
-
-if TYPE_CHECKING:
-    from .model import RemoteModel
+from .tracer_stack import active_tracer
 
 __all__ = ["Envoy", "build_tree"]
-
-_POINTS = ("output", "input", "inputs")
 
 
 class Envoy:
     __slots__ = ("_model", "_path", "_class_name", "_children")
 
-    def __init__(self, model: RemoteModel, path: str, class_name: str) -> None:
+    def __init__(self, model: Any, path: str, class_name: str, children: dict[str, Envoy] | None = None) -> None:
         object.__setattr__(self, "_model", model)
         object.__setattr__(self, "_path", path)
         object.__setattr__(self, "_class_name", class_name)
-        object.__setattr__(self, "_children", {})
+        object.__setattr__(self, "_children", {} if children is None else children)
 
     @property
     def path(self) -> str:
         """The module's `named_modules()` path ("" for the root)."""
         return self._path
 
+    @property
+    def class_name(self) -> str:
+        """The module's class name on the server (`LlamaDecoderLayer`)."""
+        return self._class_name
+
     # -- hook points ---------------------------------------------------------------------------
 
     @property
     def output(self) -> Proxy:
         """The module's output in the current invoke (a proxy)."""
-        return active_tracer(self._model).hook("read", self._path, "output")
+        return active_tracer(self._model).hook(ops.READ, self._path, "output")
 
     @property
     def input(self) -> Proxy:
         """The module's first positional input in the current invoke (a proxy)."""
-        return active_tracer(self._model).hook("read", self._path, "input")
+        return active_tracer(self._model).hook(ops.READ, self._path, "input")
 
     @property
     def inputs(self) -> Proxy:
         """The module's (args, kwargs) in the current invoke (a proxy)."""
-        return active_tracer(self._model).hook("read", self._path, "inputs")
+        return active_tracer(self._model).hook(ops.READ, self._path, "inputs")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Proxy:
         """Run this module on values of the trace, out of order (the logit lens' `lm_head(norm(h))`).
@@ -60,15 +61,15 @@ class Envoy:
         The call does not trigger the trace's other interventions on this module.
         """
         tracer = active_tracer(self._model)
-        return tracer.record("call_module", (HookPoint(self._path, "forward"), *args), kwargs)
+        return tracer.record(ops.CALL_MODULE, (HookPoint(self._path, ops.CALL_POINT), *args), kwargs)
 
     def skip(self, value: Any) -> None:
         """Replace this module's output with `value` without running the module."""
-        active_tracer(self._model).hook("skip", self._path, "output", value)
+        active_tracer(self._model).hook(ops.SKIP, self._path, "output", value)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in _POINTS:
-            active_tracer(self._model).hook("write", self._path, name, value)
+        if name in ops.HOOK_POINTS:
+            active_tracer(self._model).hook(ops.WRITE, self._path, name, value)
             return
         raise AttributeError(f"cannot set {name!r} on {self._describe()}: only output, input and inputs "
                              "can be assigned")
@@ -115,13 +116,20 @@ class Envoy:
         return [*super().__dir__(), *self._children]
 
 
-def build_tree(model: RemoteModel, modules: list[tuple[str, str]]) -> Envoy:
-    """Envoys for (path, class name) pairs in `named_modules()` order; returns the root."""
-    by_path: dict[str, Envoy] = {}
+def build_tree(model: Any, modules: list[tuple[str, str]]) -> Envoy:
+    """Envoys for (path, class name) pairs in `named_modules()` order; returns the root.
+
+    `model` is the `RemoteModel` whose open trace the envoys record into.
+    """
+    root: Envoy | None = None
+    children_of: dict[str, dict[str, Envoy]] = {}  # each envoy's children, filled as they come
     for path, class_name in modules:
-        envoy = Envoy(model, path, class_name)
-        by_path[path] = envoy
+        envoy = Envoy(model, path, class_name, children_of.setdefault(path, {}))
         if path:
             parent, _, name = path.rpartition(".")
-            by_path[parent]._children[name] = envoy
-    return by_path[""]
+            children_of[parent][name] = envoy
+        else:
+            root = envoy
+    if root is None:
+        raise ValueError("the module tree has no root (a module at path '')")
+    return root

@@ -9,8 +9,9 @@ from types import SimpleNamespace
 from typing import Any
 
 from .envoy import Envoy, build_tree
+from .runner import Job, Runner
 from .tokenizer import load_tokenizer
-from .tracing import Job, Session, Tracer
+from .tracing import Session, Tracer
 from .transport import Transport
 
 __all__ = ["RemoteModel", "DEFAULT_ADDRESS"]
@@ -39,8 +40,8 @@ class RemoteModel:
         self._root = build_tree(self, [(m.path, m.class_name) for m in self._description.modules])
         self._tokenizer: Any = None
         self._config: Any = None
-        # Where `tracer.log(...)` lines go while a job runs (NNsight prints remote prints).
-        self._on_log = on_log or (lambda text: print(text, flush=True))
+        # `tracer.log(...)` lines go to `on_log` while a job runs (NNsight prints remote prints).
+        self._runner = Runner(self, self._transport, on_log or (lambda text: print(text, flush=True)))
 
     # -- what the server told us ---------------------------------------------------------------
 
@@ -73,11 +74,11 @@ class RemoteModel:
         Without an input, batch several with `tracer.invoke(...)`. With `blocking=False` the block
         only submits the job: `tracer.job` is a handle to poll (`done()`), `wait()` on or `cancel()`.
         """
-        return Tracer(self, inputs, blocking=blocking)
+        return Tracer(self, inputs, blocking=blocking, runner=self._runner)
 
     def job(self, job_id: str) -> Job:
         """Reattach to a job by id (from any process, until the server's result TTL runs out)."""
-        return Job(self, job_id)
+        return self._runner.attach(job_id)
 
     def generate(self, inputs: Any = None, *, max_new_tokens: int = 20, blocking: bool = True,
                  **generation_kwargs: Any) -> Tracer:
@@ -88,17 +89,11 @@ class RemoteModel:
         `tracer.result` is the generated token ids. Keywords go to HF `generate` (greedy by default).
         """
         options = {"max_new_tokens": max_new_tokens, **generation_kwargs}
-        return Tracer(self, inputs, mode="generate", options=options, blocking=blocking)
+        return Tracer(self, inputs, mode="generate", options=options, blocking=blocking, runner=self._runner)
 
     def session(self) -> Session:
         """`with model.session():` several traces in one request; values flow between them."""
-        return Session(self)
-
-    def _envoy_at(self, path: str) -> Envoy:
-        for envoy in self._root.modules():
-            if envoy.path == path:
-                return envoy
-        raise AttributeError(f"the model has no module {path!r}")
+        return Session(self, runner=self._runner)
 
     # -- the module tree -----------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ After the trace, a saved proxy holds its value and behaves as that value.
 from __future__ import annotations
 
 import operator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -17,10 +17,9 @@ from farscope.interventions import ops
 from farscope.interventions.errors import TraceError
 from farscope.interventions.graph import Node, Ref, map_args
 
-if TYPE_CHECKING:
-    from .tracing import Tracer
+from .tracer_stack import OpenTracer, innermost_tracer
 
-__all__ = ["Proxy"]
+__all__ = ["Proxy", "to_argument", "unwrap"]
 
 _UNSET = object()
 # Fields of torch's named results (`x.topk(k).indices`) that are also (sparse) Tensor attributes.
@@ -32,7 +31,7 @@ class Proxy:
 
     __slots__ = ("_tracer", "_node", "_value", "_missing")
 
-    def __init__(self, tracer: Tracer, node: Node) -> None:
+    def __init__(self, tracer: OpenTracer, node: Node) -> None:
         object.__setattr__(self, "_tracer", tracer)
         object.__setattr__(self, "_node", node)
         object.__setattr__(self, "_value", _UNSET)
@@ -43,6 +42,11 @@ class Proxy:
     @property
     def node(self) -> Node:
         return self._node
+
+    @property
+    def tracer(self) -> OpenTracer:
+        """The trace that recorded this value."""
+        return self._tracer
 
     def save(self) -> Proxy:
         """Send this value back when the trace runs; returns the proxy itself."""
@@ -62,10 +66,22 @@ class Proxy:
         raise TraceError(f"%{self._node.id} ({self._node.op}) was not saved: call .save() on it inside "
                          "the trace to get its value back")
 
-    def _set_value(self, value: Any) -> None:
+    @property
+    def has_value(self) -> bool:
+        """Whether the server's value has arrived (a saved proxy after its trace or session ran)."""
+        return self._value is not _UNSET
+
+    @property
+    def missing(self) -> str | None:
+        """Why a saved value did not come back (e.g. its generation step was never reached), or None."""
+        return self._missing
+
+    def set_value(self, value: Any) -> None:
+        """Fill this saved proxy with the value the server computed (done when a request finishes)."""
         object.__setattr__(self, "_value", value)
 
-    def _set_missing(self, why: str) -> None:
+    def set_missing(self, why: str) -> None:
+        """Mark this saved proxy as having no value, saying why (done when a request finishes)."""
         object.__setattr__(self, "_missing", why)
 
     def backward(self, retain_graph: bool | None = None) -> _Backward:
@@ -73,26 +89,22 @@ class Proxy:
 
         Usable plainly or as `with loss.backward():` around the `.grad` reads.
         """
-        if self._resolved or not self._tracer.is_open:
+        if self.has_value or not self._tracer.is_open:
             raise TraceError("backward() is recorded inside a trace; after it, use the saved tensors")
         kwargs = {} if retain_graph is None else {"retain_graph": retain_graph}
-        self._tracer.record("backward", (self,), kwargs)
+        self._tracer.record(ops.BACKWARD, (self,), kwargs)
         return _Backward()
 
     @property
     def grad(self) -> Any:
         """This value's gradient during the trace's backward pass (writable: assign to replace it)."""
-        if self._resolved or not self._tracer.is_open:
+        if self.has_value or not self._tracer.is_open:
             return self.value.grad
-        return self._tracer.record("grad", (self,))
+        return self._tracer.record(ops.GRAD, (self,))
 
     @grad.setter
     def grad(self, value: Any) -> None:
-        self._tracer.record("set_grad", (self, value))
-
-    @property
-    def _resolved(self) -> bool:
-        return self._value is not _UNSET
+        self._tracer.record(ops.SET_GRAD, (self, value))
 
     # -- recording -----------------------------------------------------------------------------
 
@@ -100,34 +112,35 @@ class Proxy:
         if name.startswith("__"):
             raise AttributeError(name)
         tracer = _recorder(self)
-        if self._resolved or tracer is None:
+        if self.has_value or tracer is None:
             return getattr(self.value, name)
         if f"Tensor.{name}" in ops.REGISTRY:
             def method(*args: Any, **kwargs: Any) -> Proxy:
                 return tracer.record(f"Tensor.{name}", (self, *args), kwargs)
             return method
         if name in ops.TENSOR_ATTRIBUTES:
-            return tracer.record("getattr", (self, name))
+            return tracer.record(ops.GETATTR, (self, name))
         if hasattr(torch.Tensor, name) and name not in _RESULT_FIELDS:  # a tensor method outside the whitelist
             raise TraceError(f"Tensor.{name} is not available on the server (not in farscope's op whitelist)")
-        return tracer.record("field", (self, name))  # a model output's field, e.g. .logits
+        return tracer.record(ops.FIELD, (self, name))  # a model output's field, e.g. .logits
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self._resolved:
+        if self.has_value:
             return self._value(*args, **kwargs)
         raise TraceError(f"%{self._node.id} ({self._node.op}) is a value, not something that can be called")
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "grad":
-            Proxy.grad.fset(self, value)  # type: ignore[attr-defined]
+        attribute = getattr(type(self), name, None)
+        if isinstance(attribute, property) and attribute.fset is not None:  # `.grad = ...`
+            attribute.fset(self, value)
             return
         raise TraceError(f"cannot set attribute {name!r} on a proxy")
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        if self._resolved:
+        if self.has_value:
             self._value[key] = unwrap(value)
             return
-        (_recorder(self) or self._tracer).record("setitem", (self, key, value))
+        (_recorder(self) or self._tracer).record(ops.SETITEM, (self, key, value))
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -149,18 +162,18 @@ class Proxy:
     # -- what cannot be recorded ---------------------------------------------------------------
 
     def __bool__(self) -> bool:
-        if self._resolved:
+        if self.has_value:
             return bool(self._value)
         raise TraceError("a proxy has no truth value inside a trace (its value exists only on the server); "
                          "use torch.where or save it and decide after the trace")
 
     def __iter__(self) -> Any:
-        if self._resolved:
+        if self.has_value:
             return iter(self._value)
         raise TraceError("cannot iterate over a proxy inside a trace; index it instead (x[0], x[1], ...)")
 
     def __len__(self) -> int:
-        if self._resolved:
+        if self.has_value:
             return len(self._value)
         raise TraceError("len() of a proxy is unknown inside a trace; use x.shape[0] (a proxy) instead")
 
@@ -178,12 +191,12 @@ class Proxy:
         return array if dtype is None else array.astype(dtype)
 
     def __repr__(self) -> str:
-        if self._resolved:
+        if self.has_value:
             return repr(self._value)
         return f"<Proxy {self._node}>"
 
     def __format__(self, spec: str) -> str:
-        return format(self.value, spec) if self._resolved else repr(self)
+        return format(self.value, spec) if self.has_value else repr(self)
 
     __hash__ = object.__hash__
 
@@ -203,38 +216,37 @@ def unwrap(value: Any) -> Any:
     return map_args(value, lambda v: v.value if isinstance(v, Proxy) else v)
 
 
-def to_argument(value: Any, tracer: Tracer) -> Any:
+def to_argument(value: Any, tracer: OpenTracer) -> Any:
     """A recorded argument: proxies of this trace become `Ref`s; finished ones become their values."""
     def convert(v: Any) -> Any:
         if isinstance(v, Proxy):
-            if v._tracer is tracer or (v._tracer.session is not None and v._tracer.session is tracer.session):
-                return Ref(v._node.id)
-            if v._resolved:
-                return v._value
-            raise TraceError(f"%{v._node.id} belongs to another trace and was not saved there")
+            owner = v.tracer
+            if owner is tracer or (owner.session is not None and owner.session is tracer.session):
+                return Ref(v.node.id)
+            if v.has_value:
+                return v.value
+            raise TraceError(f"%{v.node.id} belongs to another trace and was not saved there")
         if isinstance(v, torch.nn.Parameter):
             return v.detach()
         return v
     return map_args(value, convert)
 
 
-def _recorder(proxy: Proxy) -> Tracer | None:
+def _recorder(proxy: Proxy) -> OpenTracer | None:
     """The open trace that records what is done to `proxy`: its own, or, for a value of an earlier
     trace of a session, the session's trace open now (values flow between a session's traces)."""
-    tracer = proxy._tracer
+    tracer = proxy.tracer
     if tracer.is_open:
         return tracer
     session = tracer.session
     if session is None or not session.is_open:
         return None
-    from .tracing import innermost_tracer  # tracing imports this module
-
     current = innermost_tracer()
     return current if current is not None and current.session is session else None
 
 
-def _open_tracer(value: Any) -> Tracer | None:
-    found: list[Tracer] = []
+def _open_tracer(value: Any) -> OpenTracer | None:
+    found: list[OpenTracer] = []
 
     def visit(v: Any) -> Any:
         if isinstance(v, Proxy) and not found:
@@ -249,7 +261,7 @@ def _open_tracer(value: Any) -> Tracer | None:
 def _binary(op: str, fn: Any, reflected: bool) -> Any:
     def method(self: Proxy, other: Any) -> Any:
         tracer = _recorder(self)
-        if self._resolved or tracer is None:
+        if self.has_value or tracer is None:
             return fn(other, self.value) if reflected else fn(self.value, unwrap(other))
         args = (other, self) if reflected else (self, other)
         return tracer.record(op, args)
@@ -259,7 +271,7 @@ def _binary(op: str, fn: Any, reflected: bool) -> Any:
 def _unary(op: str, fn: Any) -> Any:
     def method(self: Proxy) -> Any:
         tracer = _recorder(self)
-        if self._resolved or tracer is None:
+        if self.has_value or tracer is None:
             return fn(self.value)
         return tracer.record(op, (self,))
     return method
@@ -267,7 +279,7 @@ def _unary(op: str, fn: Any) -> Any:
 
 for _op, (_dunder, _rdunder) in ops.OPERATOR_DUNDERS.items():
     _spec = ops.REGISTRY[_op]
-    if _op == "setitem":
+    if _op == ops.SETITEM:
         continue
     if _spec.min_args == 1:
         setattr(Proxy, _dunder, _unary(_op, _spec.fn))

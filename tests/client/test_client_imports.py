@@ -12,6 +12,7 @@ _SCRIPT = """
 import json, sys
 import farscope, farscope.client
 import farscope.client.envoy, farscope.client.model, farscope.client.proxy, farscope.client.tracing
+import farscope.client.tracer_stack, farscope.client.runner
 import farscope.client.transport, farscope.interventions.codec, farscope.interventions.validate
 print(json.dumps(sorted(sys.modules)))
 """

@@ -1,0 +1,135 @@
+"""Running a recorded request: send its graph through the transport, follow the job, fill the saves.
+
+Recording (`tracing`) builds a `Request`; a `Runner` (one per `RemoteModel`) executes it and waits,
+or submits it and hands back a `Job`. A server error is raised here, pointing at the user's line that
+recorded the failing node.
+"""
+
+from __future__ import annotations
+
+import linecache
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from farscope.interventions.errors import FarscopeError
+from farscope.interventions.graph import Graph
+
+from .proxy import Proxy
+from .transport import Transport
+
+__all__ = ["Request", "Runner", "Job"]
+
+_NEVER_COMPUTED = ("it was never computed: its generation step was not reached (generation ended early) or "
+                   "the forward pass stopped before it")
+
+
+class Request:
+    """What one request asks for: a graph, and the proxies to fill with its saved values.
+
+    A lone trace records one; a session's traces record into one shared request.
+    """
+
+    def __init__(self) -> None:
+        self.graph = Graph()
+        self.saved: dict[int, Proxy] = {}  # the `save` node's id -> the proxy it fills
+
+    def fill(self, results: dict[int, Any]) -> None:
+        """Give each saved proxy its value from `results` (by save node id), or say why it has none."""
+        for node_id, proxy in self.saved.items():
+            if node_id in results:
+                proxy.set_value(results[node_id])
+            else:
+                proxy.set_missing(_NEVER_COMPUTED)
+
+
+class Runner:
+    """Runs the requests of one model (`model.name`) through `transport`; log lines go to `on_log`."""
+
+    def __init__(self, model: Any, transport: Transport, on_log: Callable[[str], None]) -> None:
+        self.model = model  # the RemoteModel: its `name` addresses requests, and `Job.model` is it
+        self.transport = transport
+        self.on_log = on_log
+
+    def execute(self, request: Request) -> None:
+        """Run `request` and wait for it; its saved proxies hold their values on return."""
+        try:
+            results = self.transport.execute(self.model.name, request.graph, on_log=self.on_log)
+        except FarscopeError as error:
+            raise located(request.graph, error) from error.__cause__
+        request.fill(results)
+
+    def submit(self, request: Request) -> Job:
+        """Queue `request` on the server; its saved proxies fill when the returned job is waited on."""
+        try:
+            job_id = self.transport.submit(self.model.name, request.graph)
+        except FarscopeError as error:
+            raise located(request.graph, error) from error.__cause__
+        return Job(self, job_id, request)
+
+    def attach(self, job_id: str) -> Job:
+        """A job submitted earlier, from any process (there are no proxies to fill)."""
+        return Job(self, job_id)
+
+
+class Job:
+    """A submitted job: poll it, wait for it, cancel it; its saved proxies fill when it is waited on.
+
+    `model.job(job_id)` reattaches to a job from another process (then `wait()` returns the saved
+    values by node id, as there are no proxies to fill).
+    """
+
+    def __init__(self, runner: Runner, job_id: str, request: Request | None = None) -> None:
+        self.model = runner.model
+        self.id = job_id
+        self._runner = runner
+        self._request = request
+        self._error: FarscopeError | None = None
+        self._finished = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name=f"farscope-watch-{job_id[:8]}", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        try:
+            self._runner.transport.watch(self.id, on_log=self._runner.on_log)
+        except FarscopeError as error:
+            self._error = located(self._request.graph, error) if self._request is not None else error
+        finally:
+            self._finished.set()
+
+    def done(self) -> bool:
+        """Whether the job has finished (successfully or not)."""
+        return self._finished.is_set()
+
+    def wait(self, timeout: float | None = None) -> dict[int, Any]:
+        """Block until the job finishes; raise its error, or fill the saved proxies and return values."""
+        if not self._finished.wait(timeout):
+            raise TimeoutError(f"job {self.id} did not finish within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        results = self._runner.transport.fetch(self.id)
+        if self._request is not None:
+            self._request.fill(results)
+        return results
+
+    def cancel(self) -> str:
+        """Ask the server to cancel; returns the job's state as the server saw it."""
+        return self._runner.transport.cancel(self.id)
+
+    def __repr__(self) -> str:
+        return f"<farscope.Job {self.id} {'finished' if self.done() else 'pending'}>"
+
+
+def located(graph: Graph, error: FarscopeError) -> FarscopeError:
+    """The error, pointing at the user's line that recorded the failing node."""
+    if error.node_id is not None and 0 <= error.node_id < len(graph.nodes):
+        node = graph.nodes[error.node_id]
+        error.node = node.format()
+        error.where = _describe_where(node.where) if node.where else None
+    return error
+
+
+def _describe_where(where: str) -> str:
+    path, _, line = where.rpartition(":")
+    source = linecache.getline(path, int(line)).strip() if line.isdigit() else ""
+    return f"{where}\n    {source}" if source else where
