@@ -385,8 +385,7 @@ def _decode_uploaded(dec: _Decoder, data: bytes) -> torch.Tensor:
         raise ValidationError("uploaded tensors are only valid in requests to a server")
     key, dtype_name, shape = payload
     tensor = dec.uploads.get(key)
-    if (not isinstance(dtype_name, str) or dtype_name not in DTYPES or tensor.dtype != DTYPES[dtype_name]
-            or list(tensor.shape) != shape):
+    if dtype_name not in DTYPES or tensor.dtype != DTYPES[dtype_name] or list(tensor.shape) != shape:
         raise ValidationError(f"upload {key[:16]}… does not have dtype {dtype_name} and shape {shape}")
     return tensor
 
