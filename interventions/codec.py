@@ -22,13 +22,24 @@ Extension codes (payloads are msgpack themselves):
    12 Record     [type name, map]: a model output (`CausalLMOutputWithPast`); decodes to a dict whose
                  keys also read as attributes, so `out.logits` works after the trace
    13 Uploaded   [digest, dtype, shape] (requests): a large tensor the server already holds (uploads.py)
+
+Each kind of value has one small `_encode_*` function and each code one small `_decode_*` function;
+`_ENCODERS` (Python type -> encoder, first match wins) and `_DECODERS` (code -> decoder) are the only
+dispatch. A decoder receives its payload's bytes and checks every field before building anything.
+
+A tensor travels as its values in row-major order, whatever its layout: a view with any strides (a
+transposed slice, a column, an expanded view, a one-element view whose stride is not 1), a conjugated
+or negated view, a sparse tensor or one that requires grad. It always arrives as a fresh, contiguous,
+writable CPU tensor. A dense contiguous CPU tensor is sent from its own memory, without a copy.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import EllipsisType
 from typing import Any
 
 import msgpack
@@ -77,37 +88,65 @@ _RETURN_TYPES = {
     for name in ("topk", "max", "min", "sort", "kthvalue", "mode", "median", "aminmax", "cummax", "cummin")
     if hasattr(torch.return_types, name)
 }
+_RETURN_TYPE_NAMES = {kind: name for name, kind in _RETURN_TYPES.items()}
 
-# Deeper than any real argument; shallow enough that hostile nesting cannot exhaust the stack.
 # Values larger than this travel as several messages (graph chunks, result chunks, tokenizer files);
 # every message stays far below gRPC's 4 MiB default, and both sides allow up to 8 chunks a message.
 CHUNK_BYTES = 1 << 20
 MAX_MESSAGE_BYTES = 8 * CHUNK_BYTES
 
+# Deeper than any real argument; shallow enough that hostile nesting cannot exhaust the stack.
 MAX_DEPTH = 48
+
+# A tensor has at most this many dimensions on the wire (torch itself allows 64).
+MAX_DIMS = 16
 
 if sys.byteorder != "little":  # the wire is little-endian and tensors are sent as their memory
     raise ImportError("farscope's codec supports little-endian machines only")
 
 
+# -- tensors <-> bytes -----------------------------------------------------------------------------
+
+
+def _dense_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's values as a plain strided, contiguous CPU tensor: itself when it already is one."""
+    if tensor.is_meta:
+        raise TypeError(f"a tensor on the meta device (shape {list(tensor.shape)}, {tensor.dtype}) has no "
+                        "values and cannot be sent")
+    if tensor.layout != torch.strided:  # sparse and other layouts travel as their dense values
+        tensor = tensor.to_dense()
+    # Conjugate and negative bits are lazy views: their memory holds the values before conj()/neg().
+    return tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
+
+
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The tensor's elements as raw little-endian bytes (no copy when already contiguous on CPU)."""
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    """The tensor's elements in row-major order as raw little-endian bytes.
+
+    A view of the tensor's own memory when it is a dense contiguous CPU tensor; a copy otherwise.
+    """
+    dense = _dense_cpu(tensor)
+    # A contiguous tensor's elements are its `numel` consecutive items from its storage offset. Saying so
+    # with as_strided (a view, no copy) matters for one-element views, which count as contiguous whatever
+    # their stride (`softmax(x[:, -1])[:, i]` of a batch of one) and which `view(torch.uint8)` refuses.
+    flat = dense.as_strided((dense.numel(),), (1,))
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def _is_count(value: Any) -> bool:
+    """A non-negative int that is not a bool (`True` is an int to Python, not to the wire)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def tensor_from_bytes(dtype_name: Any, shape: Any, data: bytes | bytearray | memoryview) -> torch.Tensor:
     """A tensor from its wire form, refusing any disagreement between dtype, shape and byte count."""
     if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise ValidationError(f"unknown tensor dtype {dtype_name!r}; accepted: {', '.join(DTYPES)}")
-    if not isinstance(shape, (list, tuple)) or not all(
-        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
-    ):
+    if not isinstance(shape, (list, tuple)) or not all(_is_count(s) for s in shape):
         raise ValidationError(f"tensor shape must be a list of non-negative ints, got {shape!r}")
-    if len(shape) > 16:
-        raise ValidationError(f"tensor has {len(shape)} dimensions; at most 16 are accepted")
+    if len(shape) > MAX_DIMS:
+        raise ValidationError(f"tensor has {len(shape)} dimensions; at most {MAX_DIMS} are accepted")
     dtype = DTYPES[dtype_name]
-    numel = math.prod(shape)
+    numel = math.prod(shape)  # exact (Python ints): a huge claimed shape cannot overflow past the check
     itemsize = torch.empty((), dtype=dtype).element_size()
     if numel * itemsize != len(data):
         raise ValidationError(
@@ -118,6 +157,9 @@ def tensor_from_bytes(dtype_name: Any, shape: Any, data: bytes | bytearray | mem
         return torch.empty(shape, dtype=dtype)
     buffer = data if isinstance(data, bytearray) else bytearray(data)
     return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+# -- result-only value kinds -----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -156,6 +198,9 @@ def _short_repr(obj: Any) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+# -- encoding: one function per kind of value ------------------------------------------------------
+
+
 class _Encoder:
     def __init__(self, blobs: list[memoryview] | None, known: set[str] | None = None,
                  sent: set[str] | None = None) -> None:
@@ -163,68 +208,128 @@ class _Encoder:
         self.known = known  # digests the server holds: large tensors go by digest
         self.sent = sent  # digests of large tensors sent inline by this document
 
-    def default(self, obj: Any) -> msgpack.ExtType:
-        pack = self.pack
-        if isinstance(obj, Ref):
-            return msgpack.ExtType(_REF, pack(obj.id))
-        if isinstance(obj, torch.Tensor):
-            if obj.dtype not in _DTYPE_NAMES:
-                raise TypeError(f"tensors of dtype {obj.dtype} cannot be sent")
-            if obj.is_sparse or obj.layout != torch.strided:
-                obj = obj.to_dense()
-            meta = [_DTYPE_NAMES[obj.dtype], list(obj.shape)]
-            if self.blobs is None:
-                data = tensor_bytes(obj)
-                if self.known is not None and data.nbytes >= UPLOAD_THRESHOLD:
-                    key = digest(meta[0], meta[1], data)
-                    if key in self.known:
-                        return msgpack.ExtType(_UPLOADED, pack([key, *meta]))
-                    if self.sent is not None:
-                        self.sent.add(key)
-                return msgpack.ExtType(_TENSOR, pack([*meta, bytes(data)]))
-            self.blobs.append(tensor_bytes(obj))
-            return msgpack.ExtType(_BLOB, pack([*meta, len(self.blobs) - 1]))
-        if isinstance(obj, torch.Size):
-            return msgpack.ExtType(_SIZE, pack(list(obj)))
-        if isinstance(obj, tuple):
-            name = type(obj).__name__
-            if type(obj).__module__ == "torch.return_types" and name in _RETURN_TYPES:
-                return msgpack.ExtType(_NAMED, pack([name, list(obj)]))
-            return msgpack.ExtType(_TUPLE, pack(list(obj)))
-        if isinstance(obj, slice):
-            return msgpack.ExtType(_SLICE, pack([obj.start, obj.stop, obj.step]))
-        if obj is Ellipsis:
-            return msgpack.ExtType(_ELLIPSIS, b"")
-        if isinstance(obj, torch.dtype):
-            if obj not in _DTYPE_NAMES:
-                raise TypeError(f"dtype {obj} cannot be sent")
-            return msgpack.ExtType(_DTYPE, pack(_DTYPE_NAMES[obj]))
-        if isinstance(obj, HookPoint):
-            return msgpack.ExtType(_HOOK, pack([obj.module, obj.point]))
-        if isinstance(obj, dict):  # dict subclasses, e.g. transformers' ModelOutput
-            if self.blobs is not None:
-                return msgpack.ExtType(_RECORD, pack([type(obj).__name__, dict(obj)]))
-            return dict(obj)
-        if isinstance(obj, list):
-            return list(obj)
-        if isinstance(obj, int) and not -(1 << 63) <= obj < (1 << 64):  # msgpack ints are 64-bit
-            raise TypeError(f"the integer {obj} does not fit in 64 bits and cannot be sent")
-        for kind in (bool, int, float, str, bytes):  # subclasses of builtins (IntEnum, ...)
+    def default(self, obj: Any) -> Any:
+        """msgpack's hook for whatever it does not pack itself: the first matching `_ENCODERS` entry."""
+        for kind, encode_value in _ENCODERS:
             if isinstance(obj, kind):
-                return kind(obj)
-        if self.blobs is not None:
-            kind = type(obj)
-            return msgpack.ExtType(_OPAQUE, pack([f"{kind.__module__}.{kind.__qualname__}", _short_repr(obj)]))
-        raise TypeError(f"a value of type {type(obj).__name__} cannot be sent")
+                return encode_value(self, obj)
+        return _encode_unknown(self, obj)
 
     def pack(self, obj: Any) -> bytes:
         # strict_types: tuples must reach `default` (they are not lists on the wire).
         return msgpack.packb(obj, default=self.default, strict_types=True, use_bin_type=True)
 
+    def ext(self, code: int, payload: Any) -> msgpack.ExtType:
+        return msgpack.ExtType(code, self.pack(payload))
+
+
+def _encode_ref(enc: _Encoder, ref: Ref) -> msgpack.ExtType:
+    return enc.ext(_REF, ref.id)
+
+
+def _encode_tensor(enc: _Encoder, tensor: torch.Tensor) -> msgpack.ExtType:
+    """Inline in requests (or by digest when the server holds it); as a blob in results."""
+    if tensor.dtype not in _DTYPE_NAMES:
+        raise TypeError(f"tensors of dtype {tensor.dtype} cannot be sent")
+    dtype_name, shape = _DTYPE_NAMES[tensor.dtype], list(tensor.shape)
+    data = tensor_bytes(tensor)
+    if enc.blobs is not None:
+        enc.blobs.append(data)
+        return enc.ext(_BLOB, [dtype_name, shape, len(enc.blobs) - 1])
+    if enc.known is not None and data.nbytes >= UPLOAD_THRESHOLD:
+        key = digest(dtype_name, shape, data)
+        if key in enc.known:
+            return enc.ext(_UPLOADED, [key, dtype_name, shape])
+        if enc.sent is not None:
+            enc.sent.add(key)
+    return enc.ext(_TENSOR, [dtype_name, shape, bytes(data)])
+
+
+def _encode_size(enc: _Encoder, size: torch.Size) -> msgpack.ExtType:
+    return enc.ext(_SIZE, list(size))
+
+
+def _encode_tuple(enc: _Encoder, items: tuple) -> msgpack.ExtType:
+    """A tuple, or one of torch's named results (`values`, `indices`) as such."""
+    name = _RETURN_TYPE_NAMES.get(type(items))
+    if name is not None:
+        return enc.ext(_NAMED, [name, list(items)])
+    return enc.ext(_TUPLE, list(items))
+
+
+def _encode_slice(enc: _Encoder, index: slice) -> msgpack.ExtType:
+    return enc.ext(_SLICE, [index.start, index.stop, index.step])
+
+
+def _encode_ellipsis(enc: _Encoder, _: EllipsisType) -> msgpack.ExtType:
+    return msgpack.ExtType(_ELLIPSIS, b"")
+
+
+def _encode_dtype(enc: _Encoder, dtype: torch.dtype) -> msgpack.ExtType:
+    if dtype not in _DTYPE_NAMES:
+        raise TypeError(f"dtype {dtype} cannot be sent")
+    return enc.ext(_DTYPE, _DTYPE_NAMES[dtype])
+
+
+def _encode_hook_point(enc: _Encoder, point: HookPoint) -> msgpack.ExtType:
+    return enc.ext(_HOOK, [point.module, point.point])
+
+
+def _encode_mapping(enc: _Encoder, mapping: dict) -> Any:
+    """A dict subclass (transformers' ModelOutput): a Record in results, a plain map in requests."""
+    if enc.blobs is not None:
+        return enc.ext(_RECORD, [type(mapping).__name__, dict(mapping)])
+    return dict(mapping)
+
+
+def _encode_list(enc: _Encoder, items: list) -> list:
+    return list(items)  # a list subclass travels as a plain list
+
+
+def _encode_int(enc: _Encoder, number: int) -> int:
+    if not -(1 << 63) <= number < (1 << 64):  # msgpack ints are 64-bit
+        raise TypeError(f"the integer {number} does not fit in 64 bits and cannot be sent")
+    return int(number)  # an int subclass (IntEnum, ...) travels as a plain int
+
+
+def _encode_as(kind: type) -> Callable[[_Encoder, Any], Any]:
+    """A subclass of a builtin (a str enum, ...) travels as the builtin."""
+    return lambda enc, obj: kind(obj)
+
+
+def _encode_unknown(enc: _Encoder, obj: Any) -> msgpack.ExtType:
+    """Shown for what it is in results (a KV cache in a module's kwargs); refused in requests."""
+    if enc.blobs is None:
+        raise TypeError(f"a value of type {type(obj).__name__} cannot be sent")
+    kind = type(obj)
+    return enc.ext(_OPAQUE, [f"{kind.__module__}.{kind.__qualname__}", _short_repr(obj)])
+
+
+# Read in order, first match wins: torch.Size is a tuple, so it comes before tuple.
+_ENCODERS: tuple[tuple[type, Callable[[_Encoder, Any], Any]], ...] = (
+    (Ref, _encode_ref),
+    (torch.Tensor, _encode_tensor),
+    (torch.Size, _encode_size),
+    (tuple, _encode_tuple),
+    (slice, _encode_slice),
+    (EllipsisType, _encode_ellipsis),
+    (torch.dtype, _encode_dtype),
+    (HookPoint, _encode_hook_point),
+    (dict, _encode_mapping),
+    (list, _encode_list),
+    (int, _encode_int),
+    (float, _encode_as(float)),
+    (str, _encode_as(str)),
+    (bytes, _encode_as(bytes)),
+)
+
+
+# -- decoding: one function per extension code -----------------------------------------------------
+
 
 class _Decoder:
     def __init__(self, blobs: list[Any] | None, uploads: UploadStore | None = None) -> None:
-        self.blobs = blobs
+        self.blobs = blobs  # None: a request
         self.uploads = uploads
         self.depth = 0
 
@@ -244,80 +349,141 @@ class _Decoder:
             self.depth -= 1
 
     def ext_hook(self, code: int, data: bytes) -> Any:
-        if not _REF <= code <= _UPLOADED:
+        decode_payload = _DECODERS.get(code)
+        if decode_payload is None:
             raise ValidationError(f"unknown extension type {code}")
-        if code == _ELLIPSIS:
-            return Ellipsis
-        payload = self.unpack(data)
-        if code == _REF:
-            if not isinstance(payload, int) or isinstance(payload, bool) or payload < 0:
-                raise ValidationError(f"node reference must be a non-negative int, got {payload!r}")
-            return Ref(payload)
-        if code == _TENSOR:
-            if not isinstance(payload, list) or len(payload) != 3 or not isinstance(payload[2], bytes):
-                raise ValidationError("tensor must be [dtype, shape, bytes]")
-            tensor = tensor_from_bytes(*payload)
-            if self.uploads is not None and len(payload[2]) >= UPLOAD_THRESHOLD:
-                self.uploads.put(digest(payload[0], payload[1], payload[2]), tensor)
-            return tensor
-        if code == _UPLOADED:
-            if not (isinstance(payload, list) and len(payload) == 3 and isinstance(payload[0], str)):
-                raise ValidationError("uploaded tensor must be [digest, dtype, shape]")
-            if self.uploads is None:
-                raise ValidationError("uploaded tensors are only valid in requests to a server")
-            tensor = self.uploads.get(payload[0])
-            dtype, shape = payload[1], payload[2]
-            if dtype not in DTYPES or tensor.dtype != DTYPES[dtype] or list(tensor.shape) != shape:
-                raise ValidationError(f"upload {payload[0][:16]}… does not have dtype {dtype} and shape {shape}")
-            return tensor
-        if code == _BLOB:
-            if self.blobs is None:
-                raise ValidationError("blob references are only valid in results")
-            if not isinstance(payload, list) or len(payload) != 3:
-                raise ValidationError("blob must be [dtype, shape, index]")
-            dtype, shape, index = payload
-            if not isinstance(index, int) or not 0 <= index < len(self.blobs):
-                raise ValidationError(f"blob index {index!r} out of range")
-            return tensor_from_bytes(dtype, shape, self.blobs[index])
-        if code == _SLICE:
-            if not isinstance(payload, list) or len(payload) != 3:
-                raise ValidationError("slice must be [start, stop, step]")
-            return slice(*payload)
-        if code == _TUPLE:
-            if not isinstance(payload, list):
-                raise ValidationError("tuple must be a list")
-            return tuple(payload)
-        if code == _NAMED:
-            if not (isinstance(payload, list) and len(payload) == 2 and payload[0] in _RETURN_TYPES
-                    and isinstance(payload[1], list)):
-                raise ValidationError("named tuple must be [torch.return_types name, list]")
-            return _RETURN_TYPES[payload[0]](payload[1])
-        if code == _RECORD:
-            if not (isinstance(payload, list) and len(payload) == 2 and isinstance(payload[0], str)
-                    and isinstance(payload[1], dict)):
-                raise ValidationError("record must be [type name, map]")
-            return Record(payload[0], payload[1])
-        if code == _OPAQUE:
-            if self.blobs is None:
-                raise ValidationError("opaque values are only valid in results")
-            if not (isinstance(payload, list) and len(payload) == 2 and all(isinstance(p, str) for p in payload)):
-                raise ValidationError("opaque value must be [type name, repr]")
-            return Opaque(payload[0], payload[1])
-        if code == _SIZE:
-            if not isinstance(payload, list) or not all(
-                isinstance(s, int) and not isinstance(s, bool) and 0 <= s < (1 << 63) for s in payload
-            ):
-                raise ValidationError("size must be a list of non-negative 64-bit ints")
-            return torch.Size(payload)
-        if code == _DTYPE:
-            if payload not in DTYPES:
-                raise ValidationError(f"unknown dtype {payload!r}; accepted: {', '.join(DTYPES)}")
-            return DTYPES[payload]
-        if code == _HOOK:
-            if not (isinstance(payload, list) and len(payload) == 2 and all(isinstance(p, str) for p in payload)):
-                raise ValidationError("hook point must be [module path, point]")
-            return HookPoint(payload[0], payload[1])
-        raise ValidationError(f"unknown extension type {code}")
+        return decode_payload(self, data)
+
+
+def _is_list_of(payload: Any, length: int) -> bool:
+    return isinstance(payload, list) and len(payload) == length
+
+
+def _decode_ref(dec: _Decoder, data: bytes) -> Ref:
+    node_id = dec.unpack(data)
+    if not _is_count(node_id):
+        raise ValidationError(f"node reference must be a non-negative int, got {node_id!r}")
+    return Ref(node_id)
+
+
+def _decode_tensor(dec: _Decoder, data: bytes) -> torch.Tensor:
+    payload = dec.unpack(data)
+    if not _is_list_of(payload, 3) or not isinstance(payload[2], bytes):
+        raise ValidationError("tensor must be [dtype, shape, bytes]")
+    dtype_name, shape, raw = payload
+    tensor = tensor_from_bytes(dtype_name, shape, raw)
+    if dec.uploads is not None and len(raw) >= UPLOAD_THRESHOLD:
+        dec.uploads.put(digest(dtype_name, shape, raw), tensor)
+    return tensor
+
+
+def _decode_uploaded(dec: _Decoder, data: bytes) -> torch.Tensor:
+    payload = dec.unpack(data)
+    if not (_is_list_of(payload, 3) and isinstance(payload[0], str)):
+        raise ValidationError("uploaded tensor must be [digest, dtype, shape]")
+    if dec.uploads is None:
+        raise ValidationError("uploaded tensors are only valid in requests to a server")
+    key, dtype_name, shape = payload
+    tensor = dec.uploads.get(key)
+    if dtype_name not in DTYPES or tensor.dtype != DTYPES[dtype_name] or list(tensor.shape) != shape:
+        raise ValidationError(f"upload {key[:16]}… does not have dtype {dtype_name} and shape {shape}")
+    return tensor
+
+
+def _decode_blob(dec: _Decoder, data: bytes) -> torch.Tensor:
+    if dec.blobs is None:
+        raise ValidationError("blob references are only valid in results")
+    payload = dec.unpack(data)
+    if not _is_list_of(payload, 3):
+        raise ValidationError("blob must be [dtype, shape, index]")
+    dtype_name, shape, index = payload
+    if not _is_count(index) or index >= len(dec.blobs):
+        raise ValidationError(f"blob index {index!r} out of range")
+    return tensor_from_bytes(dtype_name, shape, dec.blobs[index])
+
+
+def _decode_slice(dec: _Decoder, data: bytes) -> slice:
+    payload = dec.unpack(data)
+    if not _is_list_of(payload, 3):
+        raise ValidationError("slice must be [start, stop, step]")
+    return slice(*payload)
+
+
+def _decode_ellipsis(dec: _Decoder, data: bytes) -> EllipsisType:
+    return Ellipsis  # no payload to read
+
+
+def _decode_tuple(dec: _Decoder, data: bytes) -> tuple:
+    payload = dec.unpack(data)
+    if not isinstance(payload, list):
+        raise ValidationError("tuple must be a list")
+    return tuple(payload)
+
+
+def _decode_named(dec: _Decoder, data: bytes) -> tuple:
+    payload = dec.unpack(data)
+    if not (_is_list_of(payload, 2) and isinstance(payload[0], str) and payload[0] in _RETURN_TYPES
+            and isinstance(payload[1], list)):
+        raise ValidationError("named tuple must be [torch.return_types name, list]")
+    name, items = payload
+    return _RETURN_TYPES[name](items)  # a structseq checks its own length
+
+
+def _decode_record(dec: _Decoder, data: bytes) -> Record:
+    payload = dec.unpack(data)
+    if not (_is_list_of(payload, 2) and isinstance(payload[0], str) and isinstance(payload[1], dict)):
+        raise ValidationError("record must be [type name, map]")
+    return Record(*payload)
+
+
+def _decode_opaque(dec: _Decoder, data: bytes) -> Opaque:
+    if dec.blobs is None:
+        raise ValidationError("opaque values are only valid in results")
+    payload = dec.unpack(data)
+    if not (_is_list_of(payload, 2) and all(isinstance(p, str) for p in payload)):
+        raise ValidationError("opaque value must be [type name, repr]")
+    return Opaque(*payload)
+
+
+def _decode_size(dec: _Decoder, data: bytes) -> torch.Size:
+    payload = dec.unpack(data)
+    if not isinstance(payload, list) or not all(_is_count(s) and s < (1 << 63) for s in payload):
+        raise ValidationError("size must be a list of non-negative 64-bit ints")
+    return torch.Size(payload)
+
+
+def _decode_dtype(dec: _Decoder, data: bytes) -> torch.dtype:
+    name = dec.unpack(data)
+    if not isinstance(name, str) or name not in DTYPES:
+        raise ValidationError(f"unknown dtype {name!r}; accepted: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _decode_hook_point(dec: _Decoder, data: bytes) -> HookPoint:
+    payload = dec.unpack(data)
+    if not (_is_list_of(payload, 2) and all(isinstance(p, str) for p in payload)):
+        raise ValidationError("hook point must be [module path, point]")
+    return HookPoint(*payload)
+
+
+_DECODERS: dict[int, Callable[[_Decoder, bytes], Any]] = {
+    _REF: _decode_ref,
+    _TENSOR: _decode_tensor,
+    _SLICE: _decode_slice,
+    _ELLIPSIS: _decode_ellipsis,
+    _DTYPE: _decode_dtype,
+    _TUPLE: _decode_tuple,
+    _HOOK: _decode_hook_point,
+    _BLOB: _decode_blob,
+    _SIZE: _decode_size,
+    _NAMED: _decode_named,
+    _OPAQUE: _decode_opaque,
+    _RECORD: _decode_record,
+    _UPLOADED: _decode_uploaded,
+}
+
+
+# -- the four entry points -------------------------------------------------------------------------
 
 
 def encode(obj: Any, *, known: set[str] | None = None, sent: set[str] | None = None) -> bytes:

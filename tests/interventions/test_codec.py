@@ -8,6 +8,8 @@ import struct
 import msgpack
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from farscope.interventions import codec
 from farscope.interventions.errors import ValidationError
@@ -219,6 +221,216 @@ def test_results_refuse_a_blob_index_out_of_range() -> None:
     with pytest.raises(ValidationError, match="out of range"):
         codec.decode_results(document, [bytearray(4)])
 
+
+
+# -- every tensor layout -----------------------------------------------------------------------------
+
+
+def _results_roundtrip(value: object) -> object:
+    document, blobs = codec.encode_results({0: value})
+    return codec.decode_results(document, [bytearray(blob) for blob in blobs])[0]
+
+
+def _assert_same_values(out: object, expected: torch.Tensor) -> None:
+    """Equal values, dtype and shape; and a plain contiguous tensor, whatever `expected`'s layout."""
+    assert isinstance(out, torch.Tensor)
+    assert out.dtype == expected.dtype and out.shape == expected.shape
+    assert out.is_contiguous() and out.layout == torch.strided and not out.requires_grad
+    assert not out.is_conj() and not out.is_neg()
+    assert torch.equal(out, expected.detach())
+
+
+_BASE = torch.arange(1, 61, dtype=torch.float32).reshape(3, 4, 5)
+_COMPLEX = torch.complex(torch.arange(6.0), -torch.arange(6.0) / 2)
+_LAYOUTS = {
+    "0-d": torch.tensor(3.5),
+    "0-d-select": _BASE[1, 2, 3],
+    "one-element": torch.tensor([7.0]),
+    # The reported bug: a one-element view is "contiguous" whatever its stride, here 5.
+    "one-element-stride-5": torch.softmax(_BASE[:, -1], -1)[:1, 2],
+    "one-element-strides-0": torch.tensor(2.0).expand(1, 1),
+    "empty": torch.empty(0),
+    "empty-transposed": torch.empty(0, 3).t(),
+    "empty-sliced": _BASE[:, :0],
+    "offset-row": _BASE[1, 2],
+    "transposed": _BASE.transpose(0, 2),
+    "permuted": _BASE.permute(2, 0, 1),
+    "column": _BASE[:, :, 1],
+    "transposed-slice": _BASE[0, 1:3].t(),
+    "stepped": _BASE[::2, 1::2, ::3],
+    "narrowed": _BASE.narrow(2, 1, 3),
+    "diagonal": _BASE.diagonal(offset=1, dim1=1, dim2=2),
+    "expanded": _BASE[:, :1].expand(3, 6, 5),
+    "expanded-new-dim": _BASE[0, 0].expand(4, 5),
+    "unfolded-overlapping": torch.arange(10.0).unfold(0, 4, 2),
+    "flipped": _BASE.flip(0, 2),
+    "flipped-stepped": _BASE.flip(1)[:, ::2],
+    "requires-grad": torch.randn(2, 3, generator=torch.Generator().manual_seed(1), requires_grad=True),
+    "requires-grad-view": torch.ones(4, 3, requires_grad=True).t()[1:],
+    "conj": _COMPLEX.conj(),
+    "conj-strided": _COMPLEX.conj()[::2],
+    "neg-bit": _COMPLEX.conj().imag,
+    "neg-bit-contiguous": torch.tensor([1.0, -2.0, 3.0])._neg_view(),
+    "bool-transposed": (_BASE > 30).transpose(0, 1),
+    "int64-stepped": torch.arange(40).reshape(5, 8)[::2, ::3],
+    "int8-column": torch.arange(-12, 12, dtype=torch.int8).reshape(4, 6)[:, 5],
+    "uint8-expanded": torch.tensor([255], dtype=torch.uint8).expand(3, 4),
+    "float16-transposed": _BASE.to(torch.float16).transpose(1, 2),
+    "bfloat16-last": torch.softmax(_BASE.to(torch.bfloat16)[:, -1], -1)[:, 4],
+    "complex-real-view": torch.view_as_real(_COMPLEX)[:, 1],
+}
+
+
+@pytest.mark.parametrize("name", list(_LAYOUTS))
+def test_every_layout_round_trips_as_its_values_in_requests_and_results(name: str) -> None:
+    tensor = _LAYOUTS[name]
+    _assert_same_values(_roundtrip(tensor), tensor)
+    _assert_same_values(_results_roundtrip(tensor), tensor)
+
+
+def test_the_lazy_bits_are_really_set_on_the_layouts_that_test_them() -> None:
+    # Otherwise the conj / neg cases above would test nothing.
+    assert _LAYOUTS["conj"].is_conj() and _LAYOUTS["conj-strided"].is_conj()
+    assert _LAYOUTS["neg-bit"].is_neg() and _LAYOUTS["neg-bit-contiguous"].is_neg()
+    assert _LAYOUTS["neg-bit-contiguous"].is_contiguous()
+    assert _LAYOUTS["one-element-stride-5"].stride() == (5,) and _LAYOUTS["one-element-stride-5"].is_contiguous()
+
+
+def test_flip_copies_so_no_negative_stride_reaches_the_wire() -> None:
+    # torch has no negative strides: flip() returns a fresh tensor, which travels like any other.
+    flipped = _BASE.flip(0)
+    assert all(s > 0 for s in flipped.stride()) and flipped.data_ptr() != _BASE.data_ptr()
+    _assert_same_values(_roundtrip(flipped), flipped)
+
+
+def test_contiguous_tensors_are_sent_from_their_own_memory() -> None:
+    base = torch.zeros(4, 5)
+    for view in (base, base[1], base[1:3], base[2, 3:4], torch.softmax(torch.zeros(1, 3, 5)[:, -1], -1)[:, 2]):
+        (blob,) = codec.encode_results(view)[1]
+        view.fill_(9.0)  # written after encoding: a blob that is a view of the tensor sees it
+        assert torch.equal(torch.frombuffer(bytearray(blob), dtype=torch.float32), view.reshape(-1))
+
+
+def test_non_contiguous_tensors_are_copied_and_leave_the_original_untouched() -> None:
+    base = torch.arange(12.0).reshape(3, 4)
+    view = base.t()
+    (blob,) = codec.encode_results(view)[1]
+    expected = view.contiguous().reshape(-1).clone()
+    base.fill_(-1.0)
+    assert torch.equal(torch.frombuffer(bytearray(blob), dtype=torch.float32), expected)
+
+
+def test_meta_tensors_are_refused_by_name_in_requests_and_results() -> None:
+    meta = torch.empty(2, 3, device="meta")
+    with pytest.raises(TypeError, match="meta device"):
+        codec.encode({"x": meta})
+    with pytest.raises(TypeError, match=r"meta device \(shape \[2\], torch.float32\)"):
+        codec.encode_results({0: meta[:, 1]})
+
+
+# Random views of random tensors: values, not just "no crash". Small tensors, a fixed example sequence.
+_VIEW_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
+                torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64]
+
+
+@st.composite
+def _random_views(draw: st.DrawFn) -> torch.Tensor:
+    dtype = draw(st.sampled_from(_VIEW_DTYPES))
+    # sampled_from draws sizes evenly (integers() favours the smallest); slicing and narrowing make
+    # empty and one-element views, selecting makes 0-d ones.
+    shape = tuple(draw(st.lists(st.sampled_from([3, 4, 2, 5, 1]), min_size=1, max_size=4)))
+    tensor = _sample(dtype, shape)
+    if dtype.is_floating_point and draw(st.booleans()):
+        tensor.requires_grad_()
+    for _ in range(draw(st.integers(1, 4))):
+        tensor = draw(st.sampled_from(_VIEW_OPS))(draw, tensor)
+    return _view_conj_or_neg(draw, tensor)
+
+
+def _draw_dim(draw: st.DrawFn, tensor: torch.Tensor) -> int:
+    return draw(st.integers(0, tensor.dim() - 1))
+
+
+def _view_slice(draw: st.DrawFn, t: torch.Tensor) -> torch.Tensor:
+    if t.dim() == 0:
+        return t
+    dim = _draw_dim(draw, t)
+    size = t.shape[dim]
+    start = draw(st.integers(-size, max(size - 1, 0)))  # from either end
+    stop = draw(st.one_of(st.none(), st.integers(-size, size)))
+    index = [slice(None)] * dim + [slice(start, stop, draw(st.integers(1, 3)))]
+    return t[tuple(index)]
+
+
+def _view_select(draw: st.DrawFn, t: torch.Tensor) -> torch.Tensor:
+    sizes = [d for d in range(t.dim()) if t.shape[d] > 0]
+    if not sizes:
+        return t
+    dim = draw(st.sampled_from(sizes))
+    return t.select(dim, draw(st.integers(-t.shape[dim], t.shape[dim] - 1)))
+
+
+def _view_permute(draw: st.DrawFn, t: torch.Tensor) -> torch.Tensor:
+    return t.permute(draw(st.permutations(range(t.dim()))))
+
+
+def _view_transpose(draw: st.DrawFn, t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 0 else t.transpose(_draw_dim(draw, t), _draw_dim(draw, t))
+
+
+def _view_narrow(draw: st.DrawFn, t: torch.Tensor) -> torch.Tensor:
+    if t.dim() == 0:
+        return t
+    dim = _draw_dim(draw, t)
+    start = draw(st.integers(0, t.shape[dim]))
+    return t.narrow(dim, start, draw(st.integers(0, t.shape[dim] - start)))
+
+
+def _view_expand(draw: st.DrawFn, t: torch.Tensor) -> torch.Tensor:
+    if t.dim() >= 4:
+        return t
+    t = t.unsqueeze(draw(st.integers(0, t.dim())))  # stride 0 along the new size-1 dim once expanded
+    sizes = [draw(st.integers(1, 3)) if s == 1 else -1 for s in t.shape]
+    return t.expand(*sizes)
+
+
+def _view_diagonal(draw: st.DrawFn, t: torch.Tensor) -> torch.Tensor:
+    if t.dim() < 2:
+        return t
+    dim1, dim2 = draw(st.permutations(range(t.dim())))[:2]
+    return t.diagonal(offset=draw(st.integers(-2, 2)), dim1=dim1, dim2=dim2)
+
+
+def _view_flip(draw: st.DrawFn, t: torch.Tensor) -> torch.Tensor:
+    if t.dim() == 0:
+        return t
+    return t.flip(draw(st.lists(st.integers(0, t.dim() - 1), min_size=1, max_size=t.dim(), unique=True)))
+
+
+def _view_unfold(draw: st.DrawFn, t: torch.Tensor) -> torch.Tensor:
+    if t.dim() == 0 or t.dim() >= 4:
+        return t
+    dim = _draw_dim(draw, t)
+    window = draw(st.integers(min(1, t.shape[dim]), t.shape[dim]))
+    return t.unfold(dim, window, draw(st.integers(1, 2)))  # overlapping windows
+
+
+def _view_conj_or_neg(draw: st.DrawFn, t: torch.Tensor) -> torch.Tensor:
+    if not t.dtype.is_complex:
+        return t
+    conj = t.conj()
+    return draw(st.sampled_from([t, conj, conj.imag, torch.view_as_real(t)]))  # conj bit, neg bit, real view
+
+
+_VIEW_OPS = [_view_slice, _view_select, _view_permute, _view_transpose, _view_narrow, _view_expand,
+             _view_diagonal, _view_flip, _view_unfold]
+
+
+@settings(max_examples=200, derandomize=True, deadline=None)
+@given(_random_views())
+def test_random_views_of_random_tensors_round_trip_exactly(tensor: torch.Tensor) -> None:
+    _assert_same_values(_roundtrip(tensor), tensor)
+    _assert_same_values(_results_roundtrip(tensor), tensor)
 
 # -- malformed input: ValidationError and nothing else -----------------------------------------------
 
