@@ -12,7 +12,9 @@ where it plainly belongs to one of them, recognised by position, not by file (fi
 - job event kinds (``log``): the first argument or ``kind=`` of a call to ``Event``, or compared
   with a variable or attribute named ``kind``;
 - command-line subcommands (``farscope keys add``): the first argument of ``add_parser``, or
-  compared with an attribute named ``*_command``.
+  compared with an attribute named ``*_command``;
+- Python attribute names (a proxy's ``.grad``): compared with the attribute-name parameter of a
+  ``__getattr__`` / ``__setattr__`` / ``__delattr__`` it sits in.
 
 The test runs once per file, so a failure names the file and each line.
 """
@@ -35,7 +37,7 @@ NAME_PREFIXES = ("Tensor.", "torch.", "torch.nn.functional.")
 
 def _files() -> list[Path]:
     files = [p.relative_to(ROOT) for folder in FOLDERS for p in sorted((ROOT / folder).rglob("*.py"))]
-    return [p for p in files if p != REGISTRY_FILE and "_pb2" not in p.name]
+    return [p for p in files if p != REGISTRY_FILE]
 
 
 def _name_of(node: ast.AST) -> str | None:
@@ -46,8 +48,22 @@ def _name_of(node: ast.AST) -> str | None:
     return None
 
 
-def _other_vocabulary(literal: ast.Constant, parent: ast.AST) -> bool:
-    """Whether `literal` is an event kind or a CLI subcommand by its position (see the docstring)."""
+_ATTRIBUTE_HOOKS = frozenset({"__getattr__", "__getattribute__", "__setattr__", "__delattr__"})
+
+
+def _attribute_parameter(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> str | None:
+    """The attribute-name parameter of the `__getattr__`-like method `node` sits in, if any."""
+    while node in parents:
+        node = parents[node]
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args.posonlyargs + node.args.args
+            return args[1].arg if node.name in _ATTRIBUTE_HOOKS and len(args) > 1 else None
+    return None
+
+
+def _other_vocabulary(literal: ast.Constant, parents: dict[ast.AST, ast.AST]) -> bool:
+    """Whether `literal` is an event kind, a CLI subcommand or an attribute name by its position."""
+    parent = parents.get(literal)
     if isinstance(parent, ast.Call):
         callee = _name_of(parent.func)
         first = bool(parent.args) and parent.args[0] is literal
@@ -57,7 +73,8 @@ def _other_vocabulary(literal: ast.Constant, parent: ast.AST) -> bool:
     if isinstance(parent, ast.Compare) and len(parent.ops) == 1 and isinstance(parent.ops[0], (ast.Eq, ast.NotEq)):
         other = parent.left if parent.comparators[0] is literal else parent.comparators[0]
         name = _name_of(other) or ""
-        return name == "kind" or (isinstance(other, ast.Attribute) and name.endswith("_command"))
+        return (name == "kind" or (isinstance(other, ast.Attribute) and name.endswith("_command"))
+                or (isinstance(other, ast.Name) and name == _attribute_parameter(parent, parents)))
     return False
 
 
@@ -79,7 +96,7 @@ def op_literals(source: str) -> list[tuple[int, str]]:
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in ops.REGISTRY:
             parent = parents.get(node)
             # Inside an f-string it is text; as a statement of its own, a docstring.
-            if not (isinstance(parent, (ast.JoinedStr, ast.Expr)) or _other_vocabulary(node, parent)):
+            if not (isinstance(parent, (ast.JoinedStr, ast.Expr)) or _other_vocabulary(node, parents)):
                 found.append((node.lineno, repr(node.value)))
     return sorted(found)
 
@@ -105,6 +122,8 @@ def test_no_op_name_is_spelled_outside_the_registry(path: Path) -> None:
     'op = f"Tensor.{name}"',
     'point = "skip" if op == ops.SKIP else hook.point',
     'x = {"add": 1}',
+    'def __getattr__(self, name):\n    return record("grad") if name == "x" else None',
+    'def method(self, name):\n    if name == "grad": pass',
 ])
 def test_the_check_finds_op_names(source: str) -> None:
     assert op_literals(source), source
@@ -122,6 +141,7 @@ def test_the_check_finds_op_names(source: str) -> None:
     'msg = "read the output"',
     'dtype = str(d).removeprefix("torch.")',
     '"""read"""',
+    'def __setattr__(self, name, value):\n    if name == "grad": pass',
 ])
 def test_the_check_leaves_other_strings_alone(source: str) -> None:
     assert op_literals(source) == [], source
