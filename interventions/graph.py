@@ -5,8 +5,9 @@ A node is ``id``, ``op`` (a name from `ops.REGISTRY`), ``args``, ``kwargs`` and 
 
 - literals: None, bool, int, float, str, `Ellipsis`, `torch.dtype`;
 - `Ref(id)`: the value of an earlier node;
-- `HookPoint(module, point)`: a module's ``output`` / ``input`` / ``inputs`` (only as `read`/`write`'s
-  first argument);
+- `HookPoint(module, point)`: a module's ``output`` / ``input`` / ``inputs`` (the root's ``result`` under
+  generate; ``forward``, a module to call), only as the first argument of an op whose
+  `OpSpec.hook_points` name that point;
 - `torch.Tensor`: a constant travelling with the request.
 
 A graph prints one node a line, ``%5 = add(%3, %4)  # experiment.py:12``; errors quote those lines.
@@ -22,11 +23,20 @@ import torch
 
 __all__ = [
     "IR_VERSION", "MODES", "Ref", "HookPoint", "Node", "Segment", "Graph", "map_args", "iter_refs", "format_arg",
-    "to_document",
+    "to_document", "VERSION", "TRACES", "INVOKES", "NODES", "MODE", "OPTIONS", "SEGMENT_KEYS",
 ]
 
 # Bumped whenever a graph's meaning changes in a way an older executor would misread.
 IR_VERSION = 1
+
+# The keys of a graph document (see `to_document`); the validator reads by the same names.
+VERSION = "version"
+TRACES = "traces"
+INVOKES = "invokes"
+NODES = "nodes"
+MODE = "mode"
+OPTIONS = "options"
+SEGMENT_KEYS = (INVOKES, NODES, MODE, OPTIONS)  # the keys of one trace (segment)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,12 +127,6 @@ class Graph:
         self.segments[-1].stop = len(self.nodes)
         return node
 
-    def segment_of(self, node_id: int) -> Segment:
-        for segment in self.segments:
-            if segment.start <= node_id < segment.stop:
-                return segment
-        raise IndexError(node_id)
-
     def __str__(self) -> str:
         lines = [f"graph v{self.version}:"]
         for segment in self.segments:
@@ -180,13 +184,13 @@ def format_arg(value: Any) -> str:
 
 def _segment_document(graph: Graph, segment: Segment) -> dict[str, Any]:
     document: dict[str, Any] = {
-        "invokes": list(segment.invokes),
-        "nodes": [[n.op, tuple(n.args), dict(n.kwargs), n.where] for n in graph.nodes[segment.start:segment.stop]],
+        INVOKES: list(segment.invokes),
+        NODES: [[n.op, tuple(n.args), dict(n.kwargs), n.where] for n in graph.nodes[segment.start:segment.stop]],
     }
     if segment.mode != "trace":
-        document["mode"] = segment.mode
+        document[MODE] = segment.mode
     if segment.options:
-        document["options"] = dict(segment.options)
+        document[OPTIONS] = dict(segment.options)
     return document
 
 
@@ -198,5 +202,5 @@ def to_document(graph: Graph) -> dict[str, Any]:
     across all segments.
     """
     if len(graph.segments) == 1:
-        return {"version": graph.version, **_segment_document(graph, graph.segments[0])}
-    return {"version": graph.version, "traces": [_segment_document(graph, s) for s in graph.segments]}
+        return {VERSION: graph.version, **_segment_document(graph, graph.segments[0])}
+    return {VERSION: graph.version, TRACES: [_segment_document(graph, s) for s in graph.segments]}

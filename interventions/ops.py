@@ -13,11 +13,15 @@ spelled anywhere else. An op is one of:
   ``stop``, ``log``, ``save``, ``getattr`` of a whitelisted tensor attribute, ``field`` of a model
   output (``.logits``).
 
-Adding an op is one entry here plus one test in ``tests/interventions/test_ops.py``.
+What other modules need to know about an op is a field of its `OpSpec` (where it runs, whether it
+may share a batched pass, which keywords it takes, how much it allocates), read there, never
+re-derived from its name. Adding an op is one entry here plus one test in
+``tests/interventions/test_ops.py``.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -33,11 +37,11 @@ __all__ = [
     "REGISTRY",
     "TENSOR_ATTRIBUTES",
     "HOOK_POINTS",
-    "HOOK_OPS",
-    "TARGET_OPS",
+    "ROOT_POINTS",
+    "CALL_POINT",
     "OPERATOR_DUNDERS",
+    "method_op",
     "op_for_torch_function",
-    "get",
 ]
 
 # The special ops' wire names. Code that treats one of them specially names it by these constants, so
@@ -61,15 +65,6 @@ SETITEM = "setitem"  # %x[key] = value (in place; records as an operator)
 HOOK_POINTS = ("output", "input", "inputs")
 ROOT_POINTS = ("result",)
 CALL_POINT = "forward"
-# Ops whose first argument is a module hook point, and the points each accepts.
-HOOK_OPS = {
-    READ: HOOK_POINTS + ROOT_POINTS,
-    WRITE: HOOK_POINTS,
-    SKIP: ("output",),
-    CALL_MODULE: (CALL_POINT,),
-}
-# Ops whose first argument must be a reference to the value they concern.
-TARGET_OPS = (GRAD, SET_GRAD, BACKWARD)
 
 # Attributes that may be read off a value with the `getattr` op. Anything else is refused, so a
 # graph can never walk into `__class__`, `__globals__` or a module's internals.
@@ -78,9 +73,30 @@ TENSOR_ATTRIBUTES = frozenset(
 )
 
 
+# (args, kwargs) -> element count of the result, or None when the arguments do not say
+SizeRule = Callable[[tuple[Any, ...], dict[str, Any]], int | None]
+
+
 @dataclass(frozen=True)
 class OpSpec:
-    """One whitelisted op: its wire name, kind, positional arity and the callable the server runs."""
+    """One whitelisted op: its wire name, kind, positional arity, the callable the server runs, and
+    the properties the validator, executor, allocation guard and co-batching read.
+
+    - ``inplace``: it mutates its first argument (or, for ``write``/``set_grad``, the hooked value).
+    - ``hook_points``: its first argument is a module `HookPoint`, one of these points.
+    - ``hooked``: it runs when its module hook point fires during the forward pass (so a segment that
+      has one needs a forward pass).
+    - ``on_gradient``: its first argument is a value whose gradient it reads or replaces; it runs
+      when that gradient is computed during backward.
+    - ``gradient_target``: its first argument must be a reference to the value whose gradient it
+      concerns (a gradient, or the loss of ``backward``); gradients exist only in traces.
+    - ``solo``: its effect reaches beyond its own invoke's rows, or ends or reports on the whole
+      pass, so a graph holding it never shares a batched forward pass with other requests.
+    - ``keywords``: the keywords it accepts; None: any (they are passed on to ``fn`` or the module).
+    - ``size_rule``: for ops that allocate from sizes given as data (``torch.zeros(10**12)``): the
+      element count of the result computed from ``(args, kwargs)`` before running, or None when the
+      arguments do not say. Ops without a rule are sized by their inputs.
+    """
 
     name: str
     kind: str
@@ -88,6 +104,13 @@ class OpSpec:
     min_args: int
     max_args: int | None  # None: variadic
     inplace: bool = False
+    hook_points: tuple[str, ...] = ()
+    hooked: bool = False
+    on_gradient: bool = False
+    gradient_target: bool = False
+    solo: bool = False
+    keywords: frozenset[str] | None = None
+    size_rule: SizeRule | None = None
 
 
 def _field(obj: Any, key: str) -> Any:
@@ -119,7 +142,99 @@ def _save(value: Any) -> Any:
     return value
 
 
-# name: (callable, arity, dunder, reflected dunder or None)
+# Size rules of the ops that allocate from sizes given as data. Plain arithmetic on the arguments,
+# before the op runs; None where the arguments are not plain sizes (torch then raises, or the result
+# is bounded after the fact by the executor).
+
+
+def _dims(args: tuple[Any, ...]) -> int | None:
+    """The element count of a size given as ``(2, 3)`` or ``((2, 3),)``."""
+    if args and isinstance(args[0], (tuple, list, torch.Size)):
+        args = tuple(args[0])
+    if not args or not all(isinstance(a, int) and not isinstance(a, bool) for a in args):
+        return None
+    return math.prod(max(a, 0) for a in args)
+
+
+def _size_is_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    # torch.zeros(2, 3), torch.zeros((2, 3)), torch.zeros(size=(2, 3))
+    return _dims((kwargs["size"],)) if "size" in kwargs else _dims(args)
+
+
+def _size_is_first_arg(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    # torch.full((2, 3), value)
+    return _dims((kwargs["size"],)) if "size" in kwargs else _dims(args[:1])
+
+
+def _size_after_self(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    # x.new_zeros(2, 3), x.new_zeros((2, 3)), x.new_zeros(size=(2, 3))
+    return _dims((kwargs["size"],)) if "size" in kwargs else _dims(args[1:])
+
+
+def _size_of_new_full(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    # x.new_full((2, 3), value)
+    return _dims((kwargs["size"],)) if "size" in kwargs else _dims(args[1:2])
+
+
+def _size_of_randint(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    # torch.randint([low,] high, size): the size comes last
+    size = kwargs.get("size", args[-1] if args else None)
+    return _dims((size,)) if size is not None else None
+
+
+def _size_of_eye(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    n = args[0] if args else 0
+    m = args[1] if len(args) > 1 and isinstance(args[1], int) else n
+    return n * m if isinstance(n, int) and isinstance(m, int) else None
+
+
+def _numbers(args: tuple[Any, ...]) -> list[int | float]:
+    return [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+
+
+def _size_of_arange(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    numbers = _numbers(args)
+    if not numbers:
+        return None
+    start, end = (0, numbers[0]) if len(numbers) == 1 else (numbers[0], numbers[1])
+    step = numbers[2] if len(numbers) > 2 else kwargs.get("step", 1)
+    if not all(math.isfinite(x) for x in (start, end, step)) or step == 0:
+        return None
+    return max(0, math.ceil((end - start) / step))
+
+
+def _size_of_linspace(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    numbers = _numbers(args)
+    steps = kwargs.get("steps", numbers[2] if len(numbers) > 2 else None)
+    return int(steps) if isinstance(steps, (int, float)) and math.isfinite(steps) else None
+
+
+def _size_of_repeat(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    # x.repeat(*factors): x's elements times the product of the factors
+    if not args or not isinstance(args[0], torch.Tensor):
+        return None
+    factors = _dims(args[1:])
+    return None if factors is None else args[0].numel() * factors
+
+
+_SIZE_RULES: dict[str, SizeRule] = {
+    "torch.zeros": _size_is_args,
+    "torch.ones": _size_is_args,
+    "torch.rand": _size_is_args,
+    "torch.randn": _size_is_args,
+    "torch.full": _size_is_first_arg,
+    "torch.randint": _size_of_randint,
+    "torch.eye": _size_of_eye,
+    "torch.arange": _size_of_arange,
+    "torch.linspace": _size_of_linspace,
+    "Tensor.new_zeros": _size_after_self,
+    "Tensor.new_ones": _size_after_self,
+    "Tensor.new_full": _size_of_new_full,
+    "Tensor.repeat": _size_of_repeat,
+}
+
+
+# name: (callable, dunder, reflected dunder or None)
 _BINARY = {
     "add": (operator.add, "__add__", "__radd__"),
     "sub": (operator.sub, "__sub__", "__rsub__"),
@@ -142,6 +257,7 @@ _BINARY = {
     "ge": (operator.ge, "__ge__", None),
     "getitem": (operator.getitem, "__getitem__", None),
 }
+# name: (callable, dunder); the in-place operators have no reflected form
 _INPLACE = {
     "iadd": (operator.iadd, "__iadd__"),
     "isub": (operator.isub, "__isub__"),
@@ -155,12 +271,15 @@ _INPLACE = {
     "ior": (operator.ior, "__ior__"),
     "ixor": (operator.ixor, "__ixor__"),
 }
+# name: (callable, dunder)
 _UNARY = {
     "neg": (operator.neg, "__neg__"),
     "pos": (operator.pos, "__pos__"),
     "abs": (operator.abs, "__abs__"),
     "invert": (operator.invert, "__invert__"),
 }
+
+_METHOD_PREFIX = "Tensor."  # a Tensor method's op is "Tensor.<method>"
 
 # Tensor methods a graph may call. In-place ones (trailing underscore) mutate activations, which is
 # how ablation and steering edit a forward pass.
@@ -221,41 +340,44 @@ def _build() -> tuple[dict[str, OpSpec], dict[Any, tuple[str, bool]], dict[str, 
         by_callable[getattr(torch.Tensor, dunder)] = (name, False)
 
     for method in _TENSOR_METHODS:
-        fn = getattr(torch.Tensor, method)
-        spec = OpSpec(f"Tensor.{method}", "method", fn, 1, None, inplace=method.endswith("_"))
-        add(spec)
-        by_callable.setdefault(fn, (spec.name, False))
+        fn, name = getattr(torch.Tensor, method), _METHOD_PREFIX + method
+        add(OpSpec(name, "method", fn, 1, None, inplace=method.endswith("_"), size_rule=_SIZE_RULES.get(name)))
+        by_callable.setdefault(fn, (name, False))
     for function in _TORCH_FUNCTIONS:
-        fn = getattr(torch, function)
-        add(OpSpec(f"torch.{function}", "function", fn, 0, None))
-        by_callable.setdefault(fn, (f"torch.{function}", False))
+        fn, name = getattr(torch, function), f"torch.{function}"
+        add(OpSpec(name, "function", fn, 0, None, size_rule=_SIZE_RULES.get(name)))
+        by_callable.setdefault(fn, (name, False))
     for function in _FUNCTIONAL:
         fn = getattr(F, function)
         add(OpSpec(f"torch.nn.functional.{function}", "function", fn, 0, None))
         by_callable.setdefault(fn, (f"torch.nn.functional.{function}", False))
 
     # Special ops, run by the executor itself (fn is None where the executor needs its own state).
-    add(OpSpec(READ, "special", None, 1, 1))
-    add(OpSpec(WRITE, "special", None, 2, 2, inplace=True))
-    add(OpSpec(SKIP, "special", None, 2, 2))
-    add(OpSpec(CALL_MODULE, "special", None, 1, None))
-    add(OpSpec(GRAD, "special", None, 1, 1))
-    add(OpSpec(SET_GRAD, "special", None, 2, 2, inplace=True))
-    add(OpSpec(BACKWARD, "special", None, 1, 1))
-    add(OpSpec(STOP, "special", None, 0, 0))
-    add(OpSpec(LOG, "special", None, 0, None))
+    # A hook op names the invoke whose rows it concerns and the module's call (0: first); a read may
+    # be `optional` (a cache of every module: a module that never runs is left out, not an error).
+    at_hook = frozenset({"invoke", "call"})
+    none = frozenset[str]()
+    add(OpSpec(READ, "special", None, 1, 1, hook_points=HOOK_POINTS + ROOT_POINTS, hooked=True,
+               keywords=at_hook | {"optional"}))
+    add(OpSpec(WRITE, "special", None, 2, 2, inplace=True, hook_points=HOOK_POINTS, hooked=True,
+               keywords=at_hook))
+    add(OpSpec(SKIP, "special", None, 2, 2, hook_points=("output",), hooked=True, solo=True, keywords=at_hook))
+    add(OpSpec(CALL_MODULE, "special", None, 1, None, hook_points=(CALL_POINT,)))
+    add(OpSpec(GRAD, "special", None, 1, 1, on_gradient=True, gradient_target=True, solo=True, keywords=none))
+    add(OpSpec(SET_GRAD, "special", None, 2, 2, inplace=True, on_gradient=True, gradient_target=True,
+               solo=True, keywords=none))
+    add(OpSpec(BACKWARD, "special", None, 1, 1, gradient_target=True, solo=True,
+               keywords=frozenset({"retain_graph"})))
+    add(OpSpec(STOP, "special", None, 0, 0, solo=True, keywords=none))
+    add(OpSpec(LOG, "special", None, 0, None, solo=True, keywords=none))
     add(OpSpec(SAVE, "special", _save, 1, 1))
     add(OpSpec(GETATTR, "special", _getattr, 2, 2))
     add(OpSpec(FIELD, "special", _field, 2, 2))
+    assert set(_SIZE_RULES) <= set(registry), set(_SIZE_RULES) - set(registry)
     return registry, by_callable, dunders
 
 
 REGISTRY, _BY_CALLABLE, OPERATOR_DUNDERS = _build()
-
-
-def get(name: str) -> OpSpec:
-    """The spec of op `name`; KeyError if it is not whitelisted."""
-    return REGISTRY[name]
 
 
 def op_for_torch_function(func: Any) -> tuple[str, bool] | None:
@@ -264,3 +386,9 @@ def op_for_torch_function(func: Any) -> tuple[str, bool] | None:
         return _BY_CALLABLE.get(func)
     except TypeError:  # unhashable callables are never whitelisted
         return None
+
+
+def method_op(name: str) -> str | None:
+    """The op recording Tensor method `name` (``x.softmax(...)``), or None if it is not whitelisted."""
+    op = _METHOD_PREFIX + name
+    return op if op in REGISTRY else None

@@ -7,7 +7,6 @@ has, argument types (literals, refs, tensors only), and the request's size limit
 
 from __future__ import annotations
 
-import math
 import reprlib
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -17,9 +16,24 @@ import torch
 
 from . import ops
 from .errors import LimitError, ValidationError, VersionError
-from .graph import IR_VERSION, MODES, Graph, HookPoint, Node, Ref, Segment
+from .graph import (
+    INVOKES,
+    IR_VERSION,
+    MODE,
+    MODES,
+    NODES,
+    OPTIONS,
+    SEGMENT_KEYS,
+    TRACES,
+    VERSION,
+    Graph,
+    HookPoint,
+    Node,
+    Ref,
+    Segment,
+)
 
-__all__ = ["GraphLimits", "validate", "SUPPORTED_IR_VERSIONS"]
+__all__ = ["DEFAULT_MAX_NODES", "GraphLimits", "validate", "SUPPORTED_IR_VERSIONS"]
 
 SUPPORTED_IR_VERSIONS = (IR_VERSION,)
 _MAX_STRING = 100_000
@@ -36,9 +50,15 @@ def _key(key: Any) -> str:
     return key if isinstance(key, str) and len(key) < 100 else _show(key)
 
 
+# The default node limit of a request; the server's models file defaults to it too.
+DEFAULT_MAX_NODES = 20_000
+# Hook ops, for messages: the ops whose first argument is a module hook point.
+_HOOK_OPS = tuple(name for name, spec in ops.REGISTRY.items() if spec.hook_points)
+
+
 @dataclass(frozen=True, kw_only=True)
 class GraphLimits:
-    max_nodes: int = 20_000
+    max_nodes: int = DEFAULT_MAX_NODES
     max_invokes: int = 256
     max_input_tokens: int = 1_000_000
     max_new_tokens: int = 4096
@@ -60,7 +80,6 @@ GENERATION_OPTIONS: dict[str, tuple[type, ...]] = {
     "repetition_penalty": (int, float),
     "no_repeat_ngram_size": (int,),
 }
-_SEGMENT_KEYS = {"invokes", "nodes", "mode", "options"}
 
 
 def validate(
@@ -73,21 +92,21 @@ def validate(
     """
     if not isinstance(document, dict):
         raise _fail(f"request document must be a map, got {type(document).__name__}")
-    version = document.get("version")
+    version = document.get(VERSION)
     if type(version) is not int or version not in SUPPORTED_IR_VERSIONS:  # not bool/float/tensor
         raise VersionError(
             f"graph IR version {_show(version)} is not supported; this server accepts version(s) "
             f"{', '.join(map(str, SUPPORTED_IR_VERSIONS))}. Upgrade the farscope client or server so "
             "both speak the same version."
         )
-    if "traces" in document:
-        unknown = set(document) - {"version", "traces"}
-        traces = document["traces"]
+    if TRACES in document:
+        unknown = set(document) - {VERSION, TRACES}
+        traces = document[TRACES]
         if not isinstance(traces, list) or not traces:
-            raise _fail("'traces' must be a non-empty list")
+            raise _fail(f"{TRACES!r} must be a non-empty list")
     else:
-        unknown = set(document) - {"version"} - _SEGMENT_KEYS
-        traces = [{k: v for k, v in document.items() if k != "version"}]
+        unknown = set(document) - {VERSION, *SEGMENT_KEYS}
+        traces = [{k: v for k, v in document.items() if k != VERSION}]
     if unknown:
         raise _fail(f"request document has unknown keys: {', '.join(sorted(map(_key, unknown)))}")
     graph = Graph(version=version, segments=[])
@@ -95,7 +114,7 @@ def validate(
     total_nodes = total_tokens = 0
     for number, trace in enumerate(traces):
         segment = _check_segment(number, trace, limits)
-        total_nodes += len(trace["nodes"])
+        total_nodes += len(trace[NODES])
         if total_nodes > limits.max_nodes:
             raise LimitError(f"graph has {total_nodes} nodes; the limit (max_nodes) is {limits.max_nodes}")
         total_tokens += sum(_check_input(i, inp) for i, inp in enumerate(segment.invokes))
@@ -103,7 +122,7 @@ def validate(
             raise LimitError(f"inputs hold {total_tokens} tokens; the limit is {limits.max_input_tokens}")
         segment.start = segment.stop = len(graph.nodes)
         graph.segments.append(segment)
-        for raw in trace["nodes"]:
+        for raw in trace[NODES]:
             graph.nodes.append(_check_node(len(graph.nodes), raw, paths, segment))
             segment.stop = len(graph.nodes)
     return graph
@@ -113,18 +132,18 @@ def _check_segment(number: int, trace: Any, limits: GraphLimits) -> Segment:
     what = f"trace {number}"
     if not isinstance(trace, dict):
         raise _fail(f"{what} must be a map")
-    unknown = set(trace) - _SEGMENT_KEYS
+    unknown = set(trace) - set(SEGMENT_KEYS)
     if unknown:
         raise _fail(f"{what} has unknown keys: {', '.join(sorted(map(_key, unknown)))}")
-    invokes, nodes = trace.get("invokes"), trace.get("nodes")
+    invokes, nodes = trace.get(INVOKES), trace.get(NODES)
     if not isinstance(invokes, list) or not isinstance(nodes, list):
-        raise _fail("request document needs lists 'invokes' and 'nodes'")
+        raise _fail(f"request document needs lists {INVOKES!r} and {NODES!r}")
     if len(invokes) > limits.max_invokes:
         raise LimitError(f"{len(invokes)} invokes exceed the limit of {limits.max_invokes}")
-    mode = trace.get("mode", "trace")
+    mode = trace.get(MODE, "trace")
     if mode not in MODES:
         raise _fail(f"{what}: unknown mode {_show(mode)}; use one of {', '.join(MODES)}")
-    options = trace.get("options", {})
+    options = trace.get(OPTIONS, {})
     if not isinstance(options, dict):
         raise _fail(f"{what}: options must be a map")
     if options and mode != "generate":
@@ -185,48 +204,46 @@ def _check_node(index: int, raw: Any, paths: set[str], segment: Segment) -> Node
         if not isinstance(key, str) or not key.isidentifier() or key.startswith("_"):
             raise _fail(f"op {op}: keyword {_show(key)} is not a valid argument name", index, where)
     node = Node(index, op, args, kwargs, where)
-    hook_points = ops.HOOK_OPS.get(op)
+    hook_points = spec.hook_points or None
     for i, arg in enumerate(args):
         _check_value(arg, node, paths, hook_points=hook_points if i == 0 else None, depth=0)
     for arg in kwargs.values():
         _check_value(arg, node, paths, hook_points=None, depth=0)
     if hook_points is not None:
-        _check_hook_node(node, segment)
-    elif op in ops.TARGET_OPS:
+        _check_hook_node(node, segment, spec)
+        return node
+    if spec.gradient_target:
         if not isinstance(args[0], Ref):
             raise _fail(f"{op} needs a reference to a value as first argument", index, where)
         if segment.mode == "generate":
             raise _fail(f"{op}: gradients are not supported under generate; take them in a trace "
                         "(model.trace), which may sit in the same session", index, where)
-        if op == "backward" and not set(kwargs) <= {"retain_graph"}:
-            raise _fail("backward accepts only retain_graph=", index, where)
-        if op != "backward" and kwargs:
+    if spec.keywords is not None and not set(kwargs) <= spec.keywords:
+        if not spec.keywords:
             raise _fail(f"{op} takes no keywords", index, where)
-    elif op == "getattr" and not (isinstance(args[1], str) and args[1] in ops.TENSOR_ATTRIBUTES):
+        raise _fail(f"{op} accepts only {', '.join(f'{k}=' for k in sorted(spec.keywords))}", index, where)
+    if op == ops.GETATTR and not (isinstance(args[1], str) and args[1] in ops.TENSOR_ATTRIBUTES):
         raise _fail(
             f"attribute {_show(args[1])} is not readable remotely; readable: "
             f"{', '.join(sorted(ops.TENSOR_ATTRIBUTES))}", index, where)
-    elif op == "field" and not (isinstance(args[1], str) and args[1].isidentifier()
+    if op == ops.FIELD and not (isinstance(args[1], str) and args[1].isidentifier()
                                 and not args[1].startswith("_")):
         raise _fail(f"field name {_show(args[1])} is not allowed", index, where)
-    elif op in ("stop", "log") and kwargs:
-        raise _fail(f"{op} takes no keywords", index, where)
     return node
 
 
-def _check_hook_node(node: Node, segment: Segment) -> None:
+def _check_hook_node(node: Node, segment: Segment, spec: ops.OpSpec) -> None:
     op, args, kwargs, index, where = node.op, node.args, node.kwargs, node.id, node.where
     if not isinstance(args[0], HookPoint):
         raise _fail(f"{op} needs a module hook point as first argument", index, where)
-    if op == "call_module":
-        return  # its keywords are the module's own
+    if spec.keywords is None:
+        return  # call_module: its keywords are the module's own
     n_invokes = len(segment.invokes)
     invoke, call = kwargs.get("invoke"), kwargs.get("call", 0)
     # A read may span the whole batch (invoke=None), e.g. tracer.result outside an invoke, and may be
     # optional (a cache of every module: one that never runs is left out instead of failing).
-    whole = op == "read" and "invoke" in kwargs and invoke is None
-    accepted = {"invoke", "call", "optional"} if op == "read" else {"invoke", "call"}
-    if not set(kwargs) <= accepted or not whole and (
+    whole = op == ops.READ and "invoke" in kwargs and invoke is None
+    if not set(kwargs) <= spec.keywords or not whole and (
             type(invoke) is not int or not 0 <= invoke < n_invokes):
         raise _fail(f"{node.format()}: needs invoke=<0..{n_invokes - 1}>", index, where)
     if not n_invokes:  # a whole-batch read of no inputs: there is no forward pass to read from
@@ -259,7 +276,7 @@ def _check_value(value: Any, node: Node, paths: set[str], *, hook_points: tuple[
         return
     if isinstance(value, HookPoint):
         if hook_points is None:
-            raise _fail(f"a hook point may only be the first argument of {'/'.join(ops.HOOK_OPS)} "
+            raise _fail(f"a hook point may only be the first argument of {'/'.join(_HOOK_OPS)} "
                         f"(node {node.id})", node.id, where)
         if value.point not in hook_points:
             raise _fail(f"unknown hook point {_show(value.point)} for {node.op}; use one of "
@@ -291,6 +308,3 @@ def _suggest(path: str, paths: set[str]) -> str:
     shown = ", ".join(children[:12]) + (", ..." if len(children) > 12 else "")
     return f"; {parent or 'the root'} has: {shown}"
 
-
-def estimated_bytes(shape: list[int], dtype: torch.dtype) -> int:
-    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()

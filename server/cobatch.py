@@ -11,12 +11,10 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import Any
 
+from farscope.interventions import ops
 from farscope.interventions.graph import Graph, Node, Ref, Segment, map_args
 
 __all__ = ["batch_key", "merge", "split"]
-
-# Ops whose effect reaches beyond their own invoke's rows, or that end or report on the whole pass.
-_SOLO_OPS = frozenset({"backward", "grad", "set_grad", "stop", "log", "skip"})
 
 
 def batch_key(graph: Graph, lengths: list[int]) -> Hashable | None:
@@ -26,9 +24,9 @@ def batch_key(graph: Graph, lengths: list[int]) -> Hashable | None:
     """
     if len(graph.segments) != 1 or graph.segments[0].mode != "trace":
         return None
-    if any(node.op in _SOLO_OPS for node in graph.nodes):
-        return None
-    if any(node.op == "read" and node.kwargs.get("invoke") is None for node in graph.nodes):
+    if any(ops.REGISTRY[node.op].solo for node in graph.nodes):
+        return None  # its effect reaches beyond its own invoke's rows, or over the whole pass
+    if any(node.op == ops.READ and node.kwargs.get("invoke") is None for node in graph.nodes):
         return None  # a whole-batch read would see the other requests' rows
     if len(set(lengths)) != 1:
         return None
@@ -48,7 +46,7 @@ def merge(graphs: list[Graph]) -> tuple[Graph, list[int]]:
             return Ref(value.id + by) if isinstance(value, Ref) else value
         for node in graph.nodes:
             kwargs = map_args(node.kwargs, shift)
-            if node.op in ("read", "write") and isinstance(kwargs.get("invoke"), int):
+            if ops.REGISTRY[node.op].hooked and isinstance(kwargs.get("invoke"), int):
                 kwargs["invoke"] += invoke_offset
             merged.nodes.append(Node(len(merged.nodes), node.op, map_args(node.args, shift), kwargs, node.where))
         merged.segments[0].stop = len(merged.nodes)

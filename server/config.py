@@ -12,8 +12,9 @@ A models file is TOML, one ``[[models]]`` table per model::
     [models.limits]
     max_nodes = 5000
 
-Everything here is plain data: nothing imports torch or transformers, so the file can be checked
-(and the server's CLI can fail fast) before any heavy import.
+Everything here is plain data: nothing loads a model or imports transformers, so the file can be
+checked (and the server's CLI can fail fast) before any model loads. (The graph-size default is the
+validator's own, so torch is imported.)
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_MODEL", "DTYPES", "Limits", "ModelSpec", "load_models_file"]
+from farscope.interventions.validate import DEFAULT_MAX_NODES
+
+__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MODEL", "DTYPES", "Limits", "ModelSpec", "load_models_file"]
+
+# The default ceiling of both a request's saved values and of any one value a node computes.
+DEFAULT_MAX_BYTES = 4 * 2**30
 
 # Kept small on purpose: these are the dtypes whose numerics every op in the whitelist is tested with.
 DTYPES = ("float32", "float16", "bfloat16")
@@ -44,17 +50,27 @@ def _check_positive(owner: str, name: str, value: object, kinds: tuple[type, ...
 
 @dataclass(frozen=True, kw_only=True)
 class Limits:
-    """Per-request ceilings, checked before (sizes) and while (time, saved bytes) a request runs."""
+    """Per-request ceilings, checked before (sizes) and while (time, bytes) a request runs.
+
+    - ``max_request_bytes``: the encoded request (graph and uploaded tensors).
+    - ``max_nodes``: nodes of the graph, across all traces of a session.
+    - ``max_saved_bytes``: all values a request sends back, together.
+    - ``max_tensor_bytes``: any one value a node computes (``torch.zeros(10**12)`` is refused before
+      it allocates, an oversized result as soon as it exists), so no request can exhaust memory.
+    - ``max_wall_seconds``: the time a request may run.
+    """
 
     max_request_bytes: int = 256 * 2**20
-    max_nodes: int = 20_000
-    max_saved_bytes: int = 4 * 2**30
+    max_nodes: int = DEFAULT_MAX_NODES
+    max_saved_bytes: int = DEFAULT_MAX_BYTES
+    max_tensor_bytes: int = DEFAULT_MAX_BYTES
     max_wall_seconds: float = 600.0
 
     def __post_init__(self) -> None:
         _check_positive("Limits", "max_request_bytes", self.max_request_bytes, (int,))
         _check_positive("Limits", "max_nodes", self.max_nodes, (int,))
         _check_positive("Limits", "max_saved_bytes", self.max_saved_bytes, (int,))
+        _check_positive("Limits", "max_tensor_bytes", self.max_tensor_bytes, (int,))
         _check_positive("Limits", "max_wall_seconds", self.max_wall_seconds, (int, float))
         object.__setattr__(self, "max_wall_seconds", float(self.max_wall_seconds))
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -23,14 +23,16 @@ from farscope.interventions import ops
 from farscope.interventions.errors import FarscopeError, LimitError, RemoteError
 from farscope.interventions.graph import Graph, HookPoint, Node, Ref, Segment, iter_refs, map_args
 
+from .config import DEFAULT_MAX_BYTES
 from .guard import check_allocation
 
 __all__ = ["Batch", "Executor"]
 
 log = logging.getLogger(__name__)
 
-_HOOKED = frozenset({"read", "write", "skip"})
-_Site = tuple[Any, ...]  # (module path, point, call) or ("grad", node id, 0)
+# Where a node waits to run: a module's hook point on its n-th call, (module path, point, call); a
+# module about to run, for a skip, (module path, SKIP, call); a value's gradient, (GRAD, node id, 0).
+_Site = tuple[Any, ...]
 
 
 @dataclass
@@ -72,22 +74,23 @@ class Executor:
                  *, check_cancelled: Callable[[], None] | None = None,
                  on_log: Callable[[str], None] | None = None,
                  on_progress: Callable[[int, int], None] | None = None,
-                 max_tensor_bytes: int = 4 * 2**30) -> None:
+                 max_tensor_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.on_progress = on_progress
         self.model = model
         self.graph = graph
         self.batch_for = batch_for
         self.check_cancelled = check_cancelled
         self.on_log = on_log or (lambda text: log.info("graph log: %s", text))
-        self.max_tensor_bytes = max_tensor_bytes
+        self.max_tensor_bytes = max_tensor_bytes  # the most one value a node computes may take
         self.modules = dict(model.named_modules())
         self.env: dict[int, Any] = {}
         self.done: set[int] = set()
         self.pending: list[int] = []
+        self.specs = [ops.REGISTRY[n.op] for n in graph.nodes]  # by node id
         self.deps: list[tuple[int, ...]] = [
             tuple(sorted({r.id for r in iter_refs((n.args, n.kwargs))})) for n in graph.nodes
         ]
-        self.saved_ids = {n.id for n in graph.nodes if n.op == "save"}
+        self.saved_ids = {n.id for n in graph.nodes if n.op == ops.SAVE}
         # Nodes run when ready, not in recording order, so a value is freed once every node using it
         # has run (not after its last user in recording order, which may run before earlier ones).
         self.uses_left: dict[int, int] = {}
@@ -95,7 +98,7 @@ class Executor:
             for dep in deps:
                 self.uses_left[dep] = self.uses_left.get(dep, 0) + 1
         # Values whose gradient a node reads or replaces: hooked when they are computed.
-        self.grad_targets = {n.args[0].id for n in graph.nodes if n.op in ("grad", "set_grad")}
+        self.grad_targets = {n.args[0].id for n in graph.nodes if self.specs[n.id].on_gradient}
         self.grad_rows: dict[int, tuple[int, int] | None] = {}
         # A `.grad` read (or assignment) recorded after a `backward()` belongs to the latest one: with
         # several backward passes (one per invoke), it must not take an earlier pass's gradient.
@@ -103,9 +106,9 @@ class Executor:
         for segment in graph.segments:
             owner = None
             for n in graph.nodes[segment.start:segment.stop]:
-                if n.op == "backward":
+                if n.op == ops.BACKWARD:
                     owner = n.id
-                elif n.op in ("grad", "set_grad") and owner is not None:
+                elif self.specs[n.id].on_gradient and owner is not None:
                     self.grad_owner[n.id] = owner
         self.frames: list[_Frame] = []
         self.running: set[int] = set()  # nodes under way (a backward node while its gradient hooks run)
@@ -124,9 +127,9 @@ class Executor:
     def _run_segment(self, segment: Segment) -> None:
         nodes = self.graph.nodes[segment.start:segment.stop]
         self.pending = [n.id for n in nodes]
-        needs_forward = any(n.op in _HOOKED for n in nodes)
+        needs_forward = any(self.specs[n.id].hooked for n in nodes)
         batch = self.batch_for(segment) if needs_forward else Batch({}, [])
-        grads = any(n.op == "backward" for n in nodes)
+        grads = any(n.op == ops.BACKWARD for n in nodes)
         self.state = _SegmentState(segment, batch, grads=grads)
         handles: list[Any] = []
         restore: list[tuple[nn.Module, Any]] = []
@@ -165,7 +168,7 @@ class Executor:
         dropped: set[int] = set()
         for nid in self.pending:
             node = self.graph.nodes[nid]
-            if (node.op == "read" and node.kwargs.get("optional")) or dropped.intersection(self.deps[nid]):
+            if (node.op == ops.READ and node.kwargs.get("optional")) or dropped.intersection(self.deps[nid]):
                 dropped.add(nid)
         self.pending = [n for n in self.pending if n not in dropped]
 
@@ -192,15 +195,14 @@ class Executor:
     def _ready(self, node: Node) -> bool:
         if any(dep not in self.done for dep in self.deps[node.id]):
             return False
-        op = node.op
-        if op in _HOOKED:
+        spec = self.specs[node.id]
+        if spec.hooked:
             hook: HookPoint = node.args[0]
-            point = "skip" if op == "skip" else hook.point
-            return self._site() == (hook.module, point, node.kwargs.get("call", 0))
-        if op in ("grad", "set_grad"):
+            return self._site() == (hook.module, _point(node), node.kwargs.get("call", 0))
+        if spec.on_gradient:
             owner = self.grad_owner.get(node.id)
-            return self._site() == ("grad", node.args[0].id, 0) and (owner is None or owner in self.running)
-        if op == "stop":
+            return self._site() == (ops.GRAD, node.args[0].id, 0) and (owner is None or owner in self.running)
+        if node.op == ops.STOP:
             start = self.state.segment.start
             return all(n in self.done for n in range(start, node.id))
         return True
@@ -230,67 +232,23 @@ class Executor:
             if self.uses_left[dep] == 0 and dep not in self.saved_ids:
                 self.env.pop(dep, None)
 
+    # -- one method per op: the special ops by name (_SPECIAL, below), every other op through _call --
+
     def _compute(self, node: Node) -> Any:
-        op = node.op
-        if op == "read":
-            return self._read(node)
-        if op == "write":
-            frame = self.frames[-1]
-            frame.value = self._write_rows(frame.value, node.kwargs["invoke"], self._resolve(node.args[1]))
-            self.last_write = node
-            return None
-        if op == "skip":
-            hook: HookPoint = node.args[0]
-            key = (hook.module, node.kwargs.get("call", 0))
-            self.state.skips.setdefault(key, {})[node.kwargs["invoke"]] = self._resolve(node.args[1])
-            return None
-        if op == "grad":
-            frame = self.frames[-1]
-            return _narrow(frame.value, self.grad_rows.get(node.args[0].id))
-        if op == "set_grad":
-            frame = self.frames[-1]
-            rows = self.grad_rows.get(node.args[0].id)
-            new = self._resolve(node.args[1])
-            if rows is None:
-                frame.value = _conform(frame.value, new)
-            else:
-                out = frame.value.clone()
-                out[rows[0]:rows[1]] = _conform(out[rows[0]:rows[1]], new)
-                frame.value = out
-            return None
-        if op == "backward":
-            target = self._resolve(node.args[0])
-            if not isinstance(target, torch.Tensor) or not target.requires_grad:
-                raise ValueError("backward() needs a value computed from the model's activations inside "
-                                 "this trace (read .output/.input of a module and compute from it)")
-            target.backward(**self._resolve(node.kwargs))
-            return None
-        if op == "call_module":
-            module = self.modules[node.args[0].module]
-            args, kwargs = self._resolve(node.args[1:]), self._resolve(node.kwargs)
-            self.bypass += 1
-            try:
-                return module(*args, **kwargs)
-            finally:
-                self.bypass -= 1
-        if op == "stop":
-            # Everything recorded before it has run (see _ready); nothing after it will.
-            self.done.add(node.id)
-            self.pending = []
-            raise _StopForward
-        if op == "log":
-            self.on_log(" ".join(_show(v) for v in self._resolve(node.args)))
-            return None
-        fn = ops.REGISTRY[op].fn
-        assert fn is not None
+        special = self._SPECIAL.get(node.op)
+        return special(self, node) if special is not None else self._call(node)
+
+    def _call(self, node: Node) -> Any:
+        spec = self.specs[node.id]
+        assert spec.fn is not None, spec.name
         args, kwargs = self._resolve(node.args), self._resolve(node.kwargs)
-        check_allocation(op, args, kwargs, self.max_tensor_bytes)
-        value = fn(*args, **kwargs)
+        check_allocation(spec, args, kwargs, self.max_tensor_bytes)
+        value = spec.fn(*args, **kwargs)
         # Ops whose output size follows their inputs (expand then clone, outer, pad, ...) are bounded
         # here, after the fact: one oversized tensor fails the job before it can compound.
         if isinstance(value, torch.Tensor) and value.nbytes > self.max_tensor_bytes:
-            raise LimitError(f"{op} produced {value.nbytes} bytes, over the per-request limit of "
-                             f"{self.max_tensor_bytes} bytes (max_saved_bytes)")
+            raise LimitError(f"{spec.name} produced {value.nbytes} bytes, over the per-tensor limit of "
+                             f"{self.max_tensor_bytes} bytes (max_tensor_bytes)")
         return value
 
     def _read(self, node: Node) -> Any:
@@ -305,11 +263,66 @@ class Executor:
             return frame.value
         return map_args(frame.value, lambda v: _narrow(v, frame.rows[invoke], frame.rows[-1][1]))
 
+    def _write(self, node: Node) -> None:
+        frame = self.frames[-1]
+        frame.value = self._write_rows(frame.value, node.kwargs["invoke"], self._resolve(node.args[1]))
+        self.last_write = node
+
+    def _skip(self, node: Node) -> None:
+        # Taken by the module's replaced forward (_skipping_forward), which runs right after.
+        hook: HookPoint = node.args[0]
+        key = (hook.module, node.kwargs.get("call", 0))
+        self.state.skips.setdefault(key, {})[node.kwargs["invoke"]] = self._resolve(node.args[1])
+
+    def _grad(self, node: Node) -> Any:
+        return _narrow(self.frames[-1].value, self.grad_rows.get(node.args[0].id))
+
+    def _set_grad(self, node: Node) -> None:
+        frame = self.frames[-1]
+        rows = self.grad_rows.get(node.args[0].id)
+        new = self._resolve(node.args[1])
+        if rows is None:
+            frame.value = _conform(frame.value, new)
+        else:
+            out = frame.value.clone()
+            out[rows[0]:rows[1]] = _conform(out[rows[0]:rows[1]], new)
+            frame.value = out
+
+    def _backward(self, node: Node) -> None:
+        target = self._resolve(node.args[0])
+        if not isinstance(target, torch.Tensor) or not target.requires_grad:
+            raise ValueError("backward() needs a value computed from the model's activations inside "
+                             "this trace (read .output/.input of a module and compute from it)")
+        target.backward(**self._resolve(node.kwargs))
+
+    def _call_module(self, node: Node) -> Any:
+        module = self.modules[node.args[0].module]
+        args, kwargs = self._resolve(node.args[1:]), self._resolve(node.kwargs)
+        self.bypass += 1
+        try:
+            return module(*args, **kwargs)
+        finally:
+            self.bypass -= 1
+
+    def _stop(self, node: Node) -> None:
+        # Everything recorded before it has run (see _ready); nothing after it will.
+        self.done.add(node.id)
+        self.pending = []
+        raise _StopForward
+
+    def _log(self, node: Node) -> None:
+        self.on_log(" ".join(_show(v) for v in self._resolve(node.args)))
+
+    _SPECIAL: ClassVar[dict[str, Callable[[Executor, Node], Any]]] = {
+        ops.READ: _read, ops.WRITE: _write, ops.SKIP: _skip, ops.GRAD: _grad, ops.SET_GRAD: _set_grad,
+        ops.BACKWARD: _backward, ops.CALL_MODULE: _call_module, ops.STOP: _stop, ops.LOG: _log,
+    }
+
     def _hook_gradient(self, node: Node, value: Any) -> None:
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             raise ValueError(f".grad needs a floating-point tensor, got {type(value).__name__}")
         target = value
-        if node.op == "read" and self.frames and self.frames[-1].rows is not None:
+        if node.op == ops.READ and self.frames and self.frames[-1].rows is not None:
             # A read narrowed to an invoke's rows is a view the model never uses: hook the whole value
             # and hand out the invoke's rows of its gradient.
             frame = self.frames[-1]
@@ -318,19 +331,20 @@ class Executor:
         if not target.requires_grad:
             raise ValueError("this value does not depend on the model's activations, so it has no gradient")
         nid = node.id
-        target.register_hook(lambda grad: self._fire(("grad", nid, 0), grad.clone(), None))
+        target.register_hook(lambda grad: self._fire((ops.GRAD, nid, 0), grad.clone(), None))
 
     def _resolve(self, args: Any) -> Any:
         return map_args(args, lambda a: self.env[a.id] if isinstance(a, Ref) else a)
 
     def _never_ran(self, node: Node) -> RemoteError:
-        if node.op in _HOOKED:
+        spec = self.specs[node.id]
+        if spec.hooked:
             hook: HookPoint = node.args[0]
             call = node.kwargs.get("call", 0)
             which = f" (call {call})" if call else ""
             msg = (f"{hook}{which} was never reached: module {hook.module or 'model'!r} did not run in this "
                    "forward pass, or ran before a value this node needs")
-        elif node.op in ("grad", "set_grad"):
+        elif spec.on_gradient:
             msg = "this gradient was never computed: no backward() reached the value it belongs to"
         else:
             missing = [f"%{d}" for d in self.deps[node.id] if d not in self.done]
@@ -342,17 +356,16 @@ class Executor:
     def _install_hooks(self, nodes: list[Node]) -> tuple[list[Any], list[tuple[nn.Module, Any]]]:
         points: dict[str, set[str]] = {}
         for node in nodes:
-            if node.op in _HOOKED:
-                hook: HookPoint = node.args[0]
-                points.setdefault(hook.module, set()).add("skip" if node.op == "skip" else hook.point)
+            if self.specs[node.id].hooked:
+                points.setdefault(node.args[0].module, set()).add(_point(node))
         handles, restore = [], []
         for path, wanted in points.items():
             module = self.modules[path]
-            if wanted & {"input", "inputs", "skip"}:
+            if wanted & {"input", "inputs", ops.SKIP}:
                 handles.append(module.register_forward_pre_hook(self._pre_hook(path, wanted), with_kwargs=True))
             if "output" in wanted:
                 handles.append(module.register_forward_hook(self._post_hook(path), with_kwargs=True))
-            if "skip" in wanted:
+            if ops.SKIP in wanted:
                 restore.append((module, module.forward))
                 module.forward = self._skipping_forward(path, module.forward)
         return handles, restore
@@ -372,8 +385,8 @@ class Executor:
 
     def _pre_hook(self, path: str, wanted: set[str]) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            if "skip" in wanted:
-                self._event(path, "skip", None)
+            if ops.SKIP in wanted:
+                self._event(path, ops.SKIP, None)
             if "inputs" in wanted:
                 args, kwargs = self._event(path, "inputs", (args, kwargs))
             if "input" in wanted:
@@ -394,7 +407,7 @@ class Executor:
         def skipping(*args: Any, **kwargs: Any) -> Any:
             if self.bypass:
                 return forward(*args, **kwargs)
-            call = self.state.calls.get((path, "skip"), 1) - 1  # the pre-hook counted this call
+            call = self.state.calls.get((path, ops.SKIP), 1) - 1  # the pre-hook counted this call
             values = self.state.skips.pop((path, call), None)
             if not values:
                 return forward(*args, **kwargs)
@@ -446,6 +459,11 @@ class Executor:
         if isinstance(current, tuple) and isinstance(new, tuple) and len(current) == len(new):
             return tuple(self._write_rows(c, invoke, n) for c, n in zip(current, new, strict=True))
         raise TypeError(f"cannot write a {type(new).__name__} into rows of a {type(current).__name__}")
+
+
+def _point(node: Node) -> str:
+    """The point a hooked node waits at: its hook point, or for a skip the module's start."""
+    return ops.SKIP if node.op == ops.SKIP else node.args[0].point
 
 
 def _narrow(value: Any, rows: tuple[int, int] | None, size: int | None = None) -> Any:

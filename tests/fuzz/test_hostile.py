@@ -563,7 +563,7 @@ for _op, _args in (("torch.zeros", (10**12,)), ("torch.ones", ([10**6, 10**6],))
                    ("torch.randn", (2**31, 2**31)), ("torch.arange", (0, 1e18)), ("torch.eye", (10**7,)),
                    ("torch.randint", (0, 10, (10**12,)))):
     add(f"allocation-{_op}{_args!r}", lambda t, o=_op, a=_args: document(node(o, *a), node("save", Ref(0))),
-        EXHAUSTED, "would allocate .* bytes, over the per-request limit", node=0)
+        EXHAUSTED, "would allocate .* bytes, over the per-tensor limit", node=0)
 
 
 # -- the call itself: headers, lengths, chunks --------------------------------------------------------------

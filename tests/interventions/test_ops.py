@@ -536,6 +536,21 @@ def test_every_op_has_a_case():
     assert set(ATTRIBUTES) == set(ops.TENSOR_ATTRIBUTES), "every readable attribute needs a case"
 
 
+def test_every_special_op_the_executor_runs_itself_has_its_method():
+    from farscope.server.executor import Executor
+    assert set(Executor._SPECIAL) == {spec.name for spec in ops.REGISTRY.values() if spec.fn is None}
+
+
+def test_op_properties_are_consistent():
+    for spec in ops.REGISTRY.values():
+        where = (spec.hook_points, spec.hooked, spec.on_gradient, spec.gradient_target, spec.solo)
+        assert spec.kind == "special" or not any(where), f"{spec.name}: only special ops run at hooks or alone"
+        assert not spec.hooked or spec.hook_points, f"{spec.name}: a hooked op names the points it runs at"
+        assert not spec.on_gradient or spec.gradient_target, f"{spec.name}: runs at its target's gradient"
+        assert spec.size_rule is None or spec.kind in ("function", "method"), spec.name
+        assert spec.fn is not None or spec.kind == "special", spec.name
+
+
 def test_remote_activations_equal_the_hooks_reference(tiny, reference):
     m = tiny[0]
     with m.trace(PROMPT):

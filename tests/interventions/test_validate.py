@@ -270,6 +270,37 @@ def test_wrong_arity_is_rejected(op: str, n_args: int, expected: str) -> None:
              node_id=1, where="exp.py:7")
 
 
+@pytest.mark.parametrize(
+    ("node", "match"),
+    [
+        (_node("grad", Ref(0), retain_graph=True), "grad takes no keywords"),
+        (_node("set_grad", Ref(0), 0.0, scale=2), "set_grad takes no keywords"),
+        (_node("stop", now=True), "stop takes no keywords"),
+        (_node("log", Ref(0), sep=","), "log takes no keywords"),
+        (_node("backward", Ref(0), create_graph=True), "backward accepts only retain_graph="),
+        (_node("read", LAYER, invoke=0, at=1), r"needs invoke=<0..0>"),
+        (_node("write", LAYER, 0.0, invoke=0, optional=True), r"needs invoke=<0..0>"),
+    ],
+    ids=lambda v: v[0] if isinstance(v, list) else None,
+)
+def test_keywords_an_op_does_not_take_are_rejected(node: list[Any], match: str) -> None:
+    _rejects(_doc(_read(), node), match, node_id=1, where=node[3])
+
+
+def test_keywords_an_op_takes_are_accepted() -> None:
+    graph = _check(_doc(_read(), _node("backward", Ref(0), retain_graph=True),
+                        _node("read", LAYER, invoke=0, call=0, optional=True), _node("Tensor.sum", Ref(0), dim=-1),
+                        _node("call_module", HookPoint("model.norm", "forward"), Ref(0), anything=1)))
+    assert [n.op for n in graph.nodes] == ["read", "backward", "read", "Tensor.sum", "call_module"]
+
+
+@pytest.mark.parametrize("op", ["grad", "backward"])
+def test_gradient_ops_need_a_reference_and_a_trace(op: str) -> None:
+    _rejects(_doc(_read(), _node(op, 1.0)), f"{op} needs a reference to a value as first argument", node_id=1)
+    document = {**_doc(_read(), _node(op, Ref(0))), "mode": "generate", "options": {"max_new_tokens": 2}}
+    _rejects(document, f"{op}: gradients are not supported under generate", node_id=1)
+
+
 # -- references ----------------------------------------------------------------------------------------
 
 

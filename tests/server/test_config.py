@@ -33,6 +33,7 @@ def test_good_file(tmp_path: Path) -> None:
 
         [models.limits]
         max_nodes = 500
+        max_tensor_bytes = 1048576
         max_wall_seconds = 30
 
         [[models]]
@@ -53,7 +54,7 @@ def test_good_file(tmp_path: Path) -> None:
         source=str(checkpoint.resolve()),
         dtype="bfloat16",
         device_map="auto",
-        limits=Limits(max_nodes=500, max_wall_seconds=30.0),
+        limits=Limits(max_nodes=500, max_tensor_bytes=2**20, max_wall_seconds=30.0),
     )
     assert tiny.limits.max_saved_bytes == Limits().max_saved_bytes
     assert isinstance(tiny.limits.max_wall_seconds, float)
@@ -129,7 +130,8 @@ def test_model_spec_rejects(kwargs: dict, message: str) -> None:
         ModelSpec(**kwargs)
 
 
-@pytest.mark.parametrize("field", ["max_request_bytes", "max_nodes", "max_saved_bytes", "max_wall_seconds"])
+@pytest.mark.parametrize(
+    "field", ["max_request_bytes", "max_nodes", "max_saved_bytes", "max_tensor_bytes", "max_wall_seconds"])
 @pytest.mark.parametrize("value", [0, -1, True, "10"])
 def test_limits_reject(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"Limits.{field} must be a positive"):
