@@ -114,9 +114,10 @@ class Proxy:
         tracer = _recorder(self)
         if self.has_value or tracer is None:
             return getattr(self.value, name)
-        if f"Tensor.{name}" in ops.REGISTRY:
+        op = ops.method_op(name)
+        if op is not None:
             def method(*args: Any, **kwargs: Any) -> Proxy:
-                return tracer.record(f"Tensor.{name}", (self, *args), kwargs)
+                return tracer.record(op, (self, *args), kwargs)
             return method
         if name in ops.TENSOR_ATTRIBUTES:
             return tracer.record(ops.GETATTR, (self, name))
