@@ -193,8 +193,7 @@ def load_run(replica: Replica, *, cobatch: bool, clients: int, count: int, solo:
     scheduler_log = logging.getLogger("farscope.server.scheduler")
     scheduler_log.addHandler(batches)
     scheduler_log.setLevel(logging.INFO)
-    server = start_server({replica.name: replica}, host="127.0.0.1", port=0, cobatch=cobatch,
-                          max_workers=args.max_workers)
+    server = start_server({replica.name: replica}, host="127.0.0.1", port=0, cobatch=cobatch)
     lock = threading.Lock()
     deadline = [0.0]
     started = [0.0]
@@ -276,8 +275,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=20, help="requests per client (default 20)")
     parser.add_argument("--gen-tokens", type=int, default=3, help="tokens per generation request (default 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    parser.add_argument("--max-workers", type=int, default=32,
-                        help="server RPC threads (default 32, as `farscope serve`)")
     parser.add_argument("--request-timeout", type=float, default=120.0, help="gRPC deadline per request (s)")
     parser.add_argument("--timeout", type=float, default=600.0, help="deadline of each load run (s)")
     args = parser.parse_args(argv)
@@ -307,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     kinds = ", ".join(KINDS[:-1]) + f", generate ({args.gen_tokens} tokens)"
     print(f"farscope load: {replica.name} ({replica.architecture}), {args.clients} clients x {args.requests} "
           f"requests, mixed: {kinds}")
-    print(f"  one in-process server ({args.max_workers} RPC threads), real gRPC on loopback; torch threads "
+    print(f"  one in-process server (grpc.aio: no thread per stream), real gRPC on loopback; torch threads "
           f"{args.threads}; {os.cpu_count()} CPUs; Python {platform.python_version()}, torch {torch.__version__}")
     print(f"  {len(distinct)} distinct requests run alone first: {solo_seconds:.1f} s "
           f"({len(distinct) / solo_seconds:.1f} req/s, one at a time)")

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .jobs import DEFAULT_JOB_TTL
 from .logs import configure
 
 if TYPE_CHECKING:
@@ -159,13 +160,13 @@ def main(argv: list[str] | None = None) -> int:
                        help="serve Prometheus metrics on this port (0 picks a free one; default off)")
     serve.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain")
     serve.add_argument("--tls-key", metavar="PEM", help="... and this private key")
-    serve.add_argument("--job-ttl", type=float, default=3600.0, metavar="S",
-                       help="keep finished jobs' results this long for fetching by id (default 3600)")
+    serve.add_argument("--job-ttl", type=float, default=DEFAULT_JOB_TTL, metavar="S",
+                       help=f"keep finished jobs' results this long for fetching by id (default {DEFAULT_JOB_TTL:g})")
     serve.add_argument("--grace", type=float, default=30.0, metavar="S",
                        help="on SIGTERM, let running jobs finish this long before cancelling (default 30)")
     serve.add_argument("--torch-threads", type=int, default=None, metavar="N",
                        help="torch intra-op threads on CPU (default: torch's). On small CPU boxes 1 is often "
-                            "much faster: the RPC threads need the cores too")
+                            "much faster: the request decoding threads need the cores too")
     serve.add_argument("--no-cobatch", action="store_true",
                        help="run every request in its own forward pass (default: share compatible ones)")
     serve.add_argument("--db", metavar="PATH", help=_DB_HELP)

@@ -1,25 +1,33 @@
 """Jobs: what a submitted request becomes, and where it stays after its client has gone.
 
 A job's events (queued, running, progress, log, done / error) form an append-only log: any number of
-watchers, from any connection, replay it from the start and then follow it live. After it finishes,
-a job and its results stay in the `JobStore` for a time-to-live, so a client that disconnected or
-crashed fetches them by job id from a new process. No torch here.
+watchers, from any connection, replay it from the start and then follow it live. Watchers on an event
+loop wait without a thread (`Job.watch`); listeners (`Job.subscribe`) are called on the thread that
+emitted each event. After it finishes, a job and its results stay in the `JobStore` for a time-to-live,
+so a client that disconnected or crashed fetches them by job id from a new process. No torch here.
 """
 
 from __future__ import annotations
 
+import asyncio
+import copy
+import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from farscope.interventions.errors import FarscopeError
+from farscope.interventions.errors import FarscopeError, LimitError
 
-__all__ = ["Event", "Job", "JobStore", "TERMINAL"]
+__all__ = ["DEFAULT_JOB_TTL", "MAX_RESULT_BYTES", "Event", "Job", "JobStore", "TERMINAL"]
+
+log = logging.getLogger(__name__)
 
 TERMINAL = ("done", "error")
+DEFAULT_JOB_TTL = 3600.0  # seconds a finished job stays fetchable by id
+MAX_RESULT_BYTES = 4 * 2**30  # finished jobs' results held at once; the oldest go first past it
 
 
 @dataclass(frozen=True)
@@ -34,10 +42,13 @@ class Event:
     step: int = 0
     total: int = 0
     text: str = ""
-    error: BaseException | None = None
+    error: FarscopeError | None = None
 
 
-@dataclass
+Listener = Callable[["Job", Event], None]
+
+
+@dataclass(eq=False)
 class Job:
     model: str
     payload: Any  # what the replica runs (a validated graph)
@@ -46,82 +57,131 @@ class Job:
     submitted: float = field(default_factory=time.monotonic)
     cancelled: threading.Event = field(default_factory=threading.Event)
     result: Any = None  # the encoded results, once done
-    error: BaseException | None = None
+    error: FarscopeError | None = None
     finished: float | None = None
     _events: list[Event] = field(default_factory=list, repr=False)
-    _changed: threading.Condition = field(default_factory=threading.Condition, repr=False)
+    _listeners: list[Listener] = field(default_factory=list, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
     def state(self) -> str:
-        with self._changed:
+        with self._lock:
             kinds = [e.kind for e in self._events if e.kind in ("queued", "running", "done", "error")]
         return kinds[-1] if kinds else "new"
 
+    @property
+    def position(self) -> int:
+        """Jobs that were ahead of this one when it was queued."""
+        return next((e.position for e in self.events() if e.kind == "queued"), 0)
+
+    def events(self, start: int = 0) -> list[Event]:
+        """The events so far, from index `start`."""
+        with self._lock:
+            return self._events[start:]
+
     def emit(self, event: Event) -> None:
-        with self._changed:
+        with self._lock:
             if self._events and self._events[-1].kind in TERMINAL:
                 return  # a finished job's log is final
-            if event.kind == "error":
-                self.error = event.error
             if event.kind in TERMINAL:
+                self.error = event.error
                 self.finished = time.monotonic()
             self._events.append(event)
-            self._changed.notify_all()
+            listeners = list(self._listeners)
+        if event.kind in TERMINAL:
+            self._done.set()
+        for listener in listeners:  # outside the lock: a listener may read the job
+            try:
+                listener(self, event)
+            except Exception:  # a listener's bug must not stop the worker that emitted
+                log.exception("job %s: a listener failed on its %s event", self.id, event.kind)
 
     def finish(self, result: Any) -> None:
-        self.result = result
+        if self.finished is None:  # a job cancelled meanwhile keeps its error, and holds no results
+            self.result = result
         self.emit(Event("done"))
 
     def fail(self, error: BaseException) -> None:
+        """End the job with `error`; anything but a FarscopeError is a bug of ours, logged and reported
+        as an internal error."""
+        if not isinstance(error, FarscopeError):
+            log.error("job %s: internal error", self.id, exc_info=error)
+            error = FarscopeError(f"internal server error: {type(error).__name__}: {error}")
+        elif error.job_id not in (None, self.id):
+            error = copy.copy(error)  # one exception shared by the jobs of a failed shared pass
+        error.job_id = self.id
         self.emit(Event("error", error=error))
 
-    def follow(self, start: int = 0, *, timeout: float | None = None) -> Iterator[Event]:
-        """Events from index `start` on, waiting for new ones, until the job finishes."""
-        index = start
-        while True:
-            with self._changed:
-                while index >= len(self._events):
-                    if not self._changed.wait(timeout):
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the job finishes (True) or `timeout` seconds pass (False)."""
+        return self._done.wait(timeout)
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call `listener(job, event)` on every event from now on; returns the way to unsubscribe."""
+        with self._lock:
+            self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
+        return unsubscribe
+
+    async def watch(self) -> AsyncIterator[Event]:
+        """Every event, replayed from the start then live, until the job finishes. Waiting holds no
+        thread: the emitting thread wakes this loop through `call_soon_threadsafe`."""
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+
+        def wake(job: Job, event: Event) -> None:
+            try:
+                loop.call_soon_threadsafe(changed.set)
+            except RuntimeError:  # the loop has closed: nobody is waiting any more
+                pass
+        unsubscribe = self.subscribe(wake)
+        try:
+            index = 0
+            while True:
+                changed.clear()
+                new = self.events(index)  # read after clear(): an event emitted now still wakes us
+                for event in new:
+                    yield event
+                    if event.kind in TERMINAL:
                         return
-                event = self._events[index]
-            index += 1
-            yield event
-            if event.kind in TERMINAL:
-                return
-
-
-class JobNotFoundError(FarscopeError):
-    pass
+                index += len(new)
+                if not new:
+                    await changed.wait()
+        finally:
+            unsubscribe()
 
 
 class JobStore:
     """Jobs by id; finished ones are forgotten `ttl` seconds after they finish, or sooner (oldest
     first) once their results together hold more than `max_result_bytes` of memory."""
 
-    def __init__(self, ttl: float = 3600.0, max_result_bytes: int = 4 * 2**30) -> None:
+    def __init__(self, ttl: float = DEFAULT_JOB_TTL, max_result_bytes: int = MAX_RESULT_BYTES) -> None:
         self.ttl = ttl
         self.max_result_bytes = max_result_bytes
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
 
-    def add(self, job: Job) -> None:
+    def add(self, job: Job, *, max_active: int | None = None) -> None:
+        """Keep `job`; with `max_active`, refuse it (LimitError) if its user already has that many
+        jobs queued or running (checked and added in one step, so racing submits cannot both pass)."""
         with self._lock:
             self._sweep()
+            if max_active is not None:
+                active = sum(1 for j in self._jobs.values() if j.user == job.user and j.finished is None)
+                if active >= max_active:
+                    raise LimitError(f"API key {job.user!r} already has {max_active} jobs queued or running "
+                                     "(its max_concurrent quota); retry when one finishes")
             self._jobs[job.id] = job
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
             self._sweep()
             return self._jobs.get(job_id)
-
-    def active(self, user: str) -> int:
-        """How many of `user`'s jobs are queued or running."""
-        with self._lock:
-            return sum(1 for j in self._jobs.values() if j.user == user and j.finished is None)
-
-    def unfinished(self) -> list[Job]:
-        with self._lock:
-            return [j for j in self._jobs.values() if j.finished is None]
 
     def _sweep(self) -> None:
         now = time.monotonic()

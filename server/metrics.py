@@ -34,6 +34,14 @@ class Metrics:
         self.queue_depth = Gauge("farscope_queue_depth", "Jobs waiting, by model", ["model"],
                                  registry=self.registry)
 
+    def record_job(self, model: str, outcome: str, seconds: float, run_seconds: float | None) -> None:
+        """One finished job: its outcome ("done" or the error's class), its time from submission to the
+        end, and its time on the replica (None when it never ran to the end)."""
+        self.jobs.labels(model=model, outcome=outcome).inc()
+        self.latency.labels(model=model).observe(seconds)
+        if run_seconds is not None:
+            self.run_time.labels(model=model).observe(run_seconds)
+
     def watch_queue(self, model: str, depth: Callable[[], int]) -> None:
         self.queue_depth.labels(model=model).set_function(depth)
 

@@ -81,7 +81,7 @@ class FaultServer:
         return farscope.RemoteModel(name, address=self.address, timeout=60)
 
     def job(self, job_id: str):  # the server's own record of a job
-        return self.server.servicer.jobs.get(job_id)
+        return self.server.engine.jobs.get(job_id)
 
 
 @pytest.fixture(scope="module")
@@ -381,7 +381,7 @@ def test_results_stay_fetchable_after_disconnect_then_expire(tiny_spec):
                 h = later.model.layers[1].output.save()
             assert list(values) and torch.equal(next(iter(values.values())), h.value)
 
-            finished = server.servicer.jobs.get(job_id).finished
+            finished = server.engine.jobs.get(job_id).finished
             time.sleep(max(0.0, finished + 1.3 - time.monotonic()))
             with pytest.raises(farscope.FarscopeError, match="expired"):
                 later.job(job_id).wait(timeout=30)

@@ -85,7 +85,7 @@ class Setup:
 
     @property
     def depth(self) -> int:
-        return self.server.servicer.schedulers[MODEL].depth
+        return self.server.engine.schedulers[MODEL].depth
 
 
 
@@ -99,9 +99,7 @@ def _serving(tiny_spec, tmp_path, *, cobatch: bool, **options: Any) -> Iterator[
     replica = Replica(load_model(tiny_spec("llama", name=MODEL)))
     gate = Gate()
     handle = replica.model.register_forward_pre_hook(gate, with_kwargs=True)
-    # Every waiting client holds one RPC thread (its Watch or Execute stream): room for all of them.
-    server = start_server({MODEL: replica}, host="127.0.0.1", port=0, keys=store, cobatch=cobatch,
-                          max_workers=64, **options)
+    server = start_server({MODEL: replica}, host="127.0.0.1", port=0, keys=store, cobatch=cobatch, **options)
     try:
         yield Setup(server, gate, keys)
     finally:
@@ -211,7 +209,7 @@ def test_round_robin_between_users(tiny_spec, tmp_path):
         finally:
             alice.close()
             bob.close()
-        finished = {job.id: setup.server.servicer.jobs.get(job.id).finished for job in [*alice_jobs, bob_job]}
+        finished = {job.id: setup.server.engine.jobs.get(job.id).finished for job in [*alice_jobs, bob_job]}
     after_bob = sum(1 for job in alice_jobs if finished[job.id] > finished[bob_job.id])
     # Round robin: bob's one job waits for alice's running job and at most one queued job of hers.
     assert after_bob >= 28, f"only {after_bob} of alice's 30 jobs finished after bob's"

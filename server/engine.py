@@ -1,0 +1,280 @@
+"""The server's core without a transport: the object a gRPC servicer (or a Ray Serve deployment) wraps.
+
+It owns the replicas and a scheduler for each, the job store, the upload store, the quotas (a key's
+rate and concurrent jobs), decode + validate with each replica's limits, and the accounting (metrics,
+job log lines). Every call is plain Python; failures are farscope errors only.
+
+A request is taken in two steps, so that a transport can refuse a huge body before reading all of it::
+
+    user = engine.authenticate(key)                    # None when keys are off
+    admission = engine.admit(user, Header(model, ir_version, graph_bytes))
+    ... read the body in chunks, calling admission.check_size(bytes_so_far) ...
+    job = engine.enqueue(admission, body)               # decode, validate, quota, queue
+    async for event in engine.events(job): ...          # queued, running, progress, log, done | error
+    results = engine.results(job)
+
+`engine.submit(user, header, body)` does admit + enqueue at once. The flow of one job from here:
+engine -> scheduler (its replica's queue and worker thread) -> replica -> executor; the job's events
+come back through the job itself (jobs.py), never through a call back into the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from farscope._version import __version__ as SERVER_VERSION
+from farscope.interventions import codec
+from farscope.interventions.errors import (
+    FarscopeError,
+    LimitError,
+    ModelNotFoundError,
+    PermissionDeniedError,
+    ValidationError,
+    VersionError,
+)
+from farscope.interventions.uploads import UploadStore
+from farscope.interventions.validate import SUPPORTED_IR_VERSIONS, GraphLimits, validate
+
+from .jobs import DEFAULT_JOB_TTL, Event, Job, JobStore
+from .metrics import Metrics
+from .replica import Replica, Results
+from .scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from .auth import KeyStore, User
+
+__all__ = ["DEFAULT_UPLOAD_BYTES", "SERVER_VERSION", "SUPPORTED_IR_VERSIONS", "Admission", "Engine", "Header",
+           "ModelDescription", "ModelSummary"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_UPLOAD_BYTES = 1 << 30  # uploaded tensors held at once (content-addressed, least recently used go)
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a request says about itself before its graph: the model, the IR version, the graph's size."""
+
+    model: str
+    ir_version: int
+    graph_bytes: int
+    client_version: str = ""
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    name: str
+    architecture: str
+    num_parameters: int
+    dtype: str
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    summary: ModelSummary
+    modules: list[tuple[str, str]]  # (named_modules() path, class name), in order
+    repr: str
+    config_json: str
+    tokenizer_sha256: str
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A request whose header passed (model, permission, rate, version, announced size): the body it may
+    still send is bounded by `max_bytes`."""
+
+    user: User | None
+    replica: Replica
+    header: Header
+
+    @property
+    def max_bytes(self) -> int:
+        return self.replica.limits.max_request_bytes
+
+    def check_size(self, received: int) -> None:
+        """Raise LimitError as soon as the body read so far is over the limit."""
+        if received > self.max_bytes:
+            raise LimitError(f"request exceeds max_request_bytes={self.max_bytes}")
+
+
+def _quote(text: str) -> str:
+    """A name a client sent, for an error message: repr'd and at most about 120 characters."""
+    return repr(text) if len(text) <= 120 else repr(text[:117]) + "..."
+
+
+def _user_name(user: User | None) -> str:
+    return user.name if user is not None else ""
+
+
+class Engine:
+    def __init__(self, replicas: dict[str, Replica] | None = None, *, keys: KeyStore | None = None,
+                 upload_bytes: int = DEFAULT_UPLOAD_BYTES, job_ttl: float = DEFAULT_JOB_TTL,
+                 cobatch: bool = True, metrics: Metrics | None = None) -> None:
+        """`keys`: an auth.KeyStore, or None: no authentication (loopback only, by the CLI)."""
+        self.keys = keys
+        self.cobatch = cobatch
+        self.uploads = UploadStore(upload_bytes)  # content-addressed, so shared by all users safely
+        self.jobs = JobStore(ttl=job_ttl)
+        self.metrics = metrics or Metrics()
+        if keys is not None:
+            from .auth import RateLimiter
+
+            self.rate: RateLimiter | None = RateLimiter()
+        else:
+            self.rate = None
+        self.replicas: dict[str, Replica] = {}
+        self.schedulers: dict[str, Scheduler] = {}
+        for replica in (replicas or {}).values():
+            self.add(replica)
+
+    def add(self, replica: Replica) -> None:
+        """Serve one more model (a server binds its port first and adds models as they load)."""
+        scheduler = Scheduler(replica, cobatch=self.cobatch)
+        self.schedulers[replica.name] = scheduler
+        self.replicas[replica.name] = replica
+        self.metrics.watch_queue(replica.name, lambda: scheduler.depth)
+
+    @property
+    def busy(self) -> bool:
+        """Whether any replica is running a job now."""
+        return any(scheduler.running for scheduler in self.schedulers.values())
+
+    def close(self, grace: float = 30.0) -> None:
+        """Drain: take no new jobs, fail queued ones clearly, give running ones `grace` seconds to
+        finish, then cancel them (they stop at their next hook). Blocks until then."""
+        for scheduler in self.schedulers.values():
+            scheduler.close(timeout=grace)
+
+    # -- who is asking, and for what -----------------------------------------------------------
+
+    def authenticate(self, key: str | None) -> User | None:
+        """The key's user (None with authentication off); AuthError for a missing or unknown key."""
+        return None if self.keys is None else self.keys.authenticate(key)
+
+    def _replica(self, name: str, user: User | None) -> Replica:
+        replica = self.replicas.get(name)
+        if replica is None:
+            raise ModelNotFoundError(
+                f"no model named {_quote(name)} is served here; served: {', '.join(sorted(self.replicas))}")
+        if user is not None and not user.may_use(name):
+            raise PermissionDeniedError(f"API key {user.name!r} may not use model {name!r}")
+        return replica
+
+    def list_models(self, user: User | None) -> list[ModelSummary]:
+        return [_summary(r) for r in self.replicas.values() if user is None or user.may_use(r.name)]
+
+    def describe(self, name: str, user: User | None) -> ModelDescription:
+        replica = self._replica(name, user)
+        return ModelDescription(summary=_summary(replica), modules=replica.modules, repr=repr(replica.model),
+                                config_json=replica.config_json(), tokenizer_sha256=replica.tokenizer_sha256)
+
+    def tokenizer_files(self, name: str, user: User | None) -> dict[str, bytes]:
+        return dict(self._replica(name, user).loaded.tokenizer_files)
+
+    # -- requests become jobs ------------------------------------------------------------------
+
+    def admit(self, user: User | None, header: Header) -> Admission:
+        """Check a request's header: the model exists and the key may use it, one call of the key's rate
+        (LimitError with `retry_after` once spent), the IR version, the announced size."""
+        replica = self._replica(header.model, user)
+        if user is not None and self.rate is not None:
+            self.rate.acquire(user)
+        if header.ir_version not in SUPPORTED_IR_VERSIONS:
+            raise VersionError(
+                f"this server (farscope {SERVER_VERSION}) accepts graph IR version(s) "
+                f"{', '.join(map(str, SUPPORTED_IR_VERSIONS))}; the client (farscope "
+                f"{(header.client_version or '?')[:64]}) sent version {header.ir_version}. Install a farscope "
+                "client that matches this server."
+            )
+        admission = Admission(user, replica, header)
+        if header.graph_bytes > admission.max_bytes:
+            raise LimitError(f"request of {header.graph_bytes} bytes exceeds max_request_bytes={admission.max_bytes}")
+        return admission
+
+    def enqueue(self, admission: Admission, graph: bytes) -> Job:
+        """Decode and validate an admitted request's graph, check the key's concurrent-job quota and
+        queue it. CPU-bound for a large graph: a transport on an event loop calls it from a thread."""
+        header, replica, user = admission.header, admission.replica, admission.user
+        admission.check_size(len(graph))
+        if len(graph) != header.graph_bytes:
+            raise ValidationError(f"the header announced {header.graph_bytes} graph bytes, {len(graph)} arrived")
+        self.metrics.bytes_in.inc(len(graph))
+        try:
+            document = codec.decode(graph, uploads=self.uploads)
+            payload = validate(document, module_paths=replica.module_paths,
+                               limits=GraphLimits(max_nodes=replica.limits.max_nodes))
+        except FarscopeError:
+            raise
+        except Exception as e:  # a bug of ours, never the client's: say so, keep serving
+            log.exception("unexpected error while reading a request")
+            raise FarscopeError(f"internal server error while reading the request: {type(e).__name__}") from None
+        job = Job(model=replica.name, payload=payload, user=_user_name(user))
+        self.jobs.add(job, max_active=user.max_concurrent if user is not None else None)
+        job.subscribe(self._account)
+        log.info("job queued", extra={"job_id": job.id, "user": job.user, "model": job.model})
+        try:
+            self.schedulers[replica.name].submit(job)
+        except FarscopeError as e:
+            job.fail(e)  # refused while draining: finished, so it holds no quota
+            raise
+        return job
+
+    def submit(self, user: User | None, header: Header, graph: bytes) -> Job:
+        """`admit` then `enqueue`: for callers that hold the whole request already."""
+        return self.enqueue(self.admit(user, header), graph)
+
+    def _account(self, job: Job, event: Event) -> None:
+        """Log a job's start; record its outcome in the metrics and the log once it ends. Runs on the
+        thread that emitted the event (the replica's worker, or a canceller)."""
+        extra = {"job_id": job.id, "user": job.user, "model": job.model}
+        if event.kind == "running":
+            log.info("job running", extra=extra)
+        if event.kind not in ("done", "error"):
+            return
+        seconds = (job.finished or time.monotonic()) - job.submitted
+        outcome = "done" if job.error is None else type(job.error).__name__
+        run_seconds = job.result.run_seconds if job.result is not None else None
+        self.metrics.record_job(job.model, outcome, seconds, run_seconds)
+        log.info("job %s", "done" if job.error is None else f"failed: {job.error}",
+                 extra={**extra, "seconds": round(seconds, 4)})
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    def job(self, job_id: str, user: User | None) -> Job | None:
+        """The job with this id, or None: unknown, expired, or another key's (others' jobs do not exist)."""
+        job = self.jobs.get(job_id)
+        if job is None or (user is not None and job.user != user.name):
+            return None
+        return job
+
+    def events(self, job: Job) -> AsyncIterator[Event]:
+        """The job's events, replayed from the start then live, until it ends (on the caller's event
+        loop; waiting holds no thread)."""
+        return job.watch()
+
+    def results(self, job: Job) -> Results:
+        """A finished job's results; its error if it failed."""
+        if job.error is not None:
+            raise job.error.with_traceback(None)
+        if job.result is None:
+            raise FarscopeError(f"job {job.id} has not finished", job_id=job.id)
+        self.metrics.bytes_out.inc(job.result.nbytes)
+        return job.result
+
+    def cancel(self, job: Job) -> None:
+        """A queued job never runs; a running one stops at its next hook or generation step."""
+        self.schedulers[job.model].cancel(job)
+
+    def abandon(self, job: Job) -> None:
+        """Its client went away: a queued job is cancelled; once running, it finishes and stays
+        fetchable by id until its TTL."""
+        self.schedulers[job.model].withdraw(job)
+
+
+def _summary(replica: Replica) -> ModelSummary:
+    return ModelSummary(name=replica.name, architecture=replica.architecture,
+                        num_parameters=replica.num_parameters, dtype=replica.dtype)
