@@ -144,7 +144,7 @@ class Replica:
         def batch_for(segment: Segment) -> Batch:
             return build_batch(self.model, self.tokenizer, segment.invokes, segment.mode)
         with self._lock:
-            return Executor(self.model, graph, batch_for, max_tensor_bytes=self.limits.max_saved_bytes,
+            return Executor(self.model, graph, batch_for, max_tensor_bytes=self.limits.max_tensor_bytes,
                             **callbacks).run()
 
     def _results(self, graph: Graph, saved: dict[int, Any], seconds: float) -> Results:
