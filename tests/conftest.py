@@ -18,7 +18,9 @@ on purpose: a Replica instruments the model it wraps (hook points inside attenti
 is never a reference, and a model object is never wrapped by two Replicas. A test that needs a server
 with special settings (keys, limits, TTLs, a server it stops) starts its own, with models of its own.
 Tests must not mutate the shared models: the servers run jobs on their own worker threads, and
-hooks a test adds must be removed by the code that adds them.
+hooks a test adds must be removed by the code that adds them. Nor may a test change torch's thread
+count around the first use of a shared server: its worker threads keep the intra-op thread count they
+first computed with, and results computed with another count are not bit-identical to the references.
 """
 
 from __future__ import annotations
@@ -158,8 +160,6 @@ def farscope_cache_dir() -> Path:
     """
     env = os.environ.get("FARSCOPE_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "farscope"
-
-
 
 
 # -- servers and clients: one per model kind ---------------------------------------------------------
