@@ -3,6 +3,11 @@
 `target` serves the tiny Llama as "tiny" with the default limits; `small_target` serves it as "small"
 with max_request_bytes=4096 and max_nodes=8. Both share `markers`, a folder that hostile payloads
 would write into if anything they carry were ever executed: `still_serving()` checks it stays empty.
+
+Not the session's shared `tiny_server` (tests/conftest.py): these servers run under `one_torch_thread`,
+and a server's worker thread keeps the intra-op thread count it first computed with, so a shared server
+first used here would go on computing with one thread after this folder, and its results would no longer
+be bit-identical to the references computed with the default count.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 References run on local copies of the same weights, fed the same token ids with the same call
 (`model(ids, use_cache=False)`): `tiny_local` / `smol_local` keep the model's own sdpa attention (and
-are not instrumented); `eager` is a third copy switched to eager attention, whose
+are not instrumented); `tiny_eager` / `smol_eager` are third copies switched to eager attention, whose
 `output_attentions` are the probabilities to match. Reading `attn_probs` makes the server compute
 every layer's attention eagerly, so such a trace matches the eager copy bit for bit; otherwise the
 server delegates to sdpa and matches the sdpa copy bit for bit. Every comparison is exact.
@@ -11,7 +11,7 @@ server delegates to sdpa and matches the sdpa copy bit for bit. Every comparison
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +20,6 @@ import torch
 from torch import nn
 
 import farscope
-from farscope.server.config import DEFAULT_MODEL
-from farscope.server.loading import load_model
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 CASES = ("llama", "gpt2", "gpt_neox", "smollm2")
@@ -66,33 +64,15 @@ class Case:
         return torch.tensor([self.tokenizer(text)["input_ids"]])
 
 
-@pytest.fixture(scope="module")
-def eager_copies(request: pytest.FixtureRequest) -> Iterator[Callable[[str], nn.Module]]:
-    """Loads (once per module) a copy of a model with eager attention."""
-    loaded: dict[str, nn.Module] = {}
-
-    def get(name: str) -> nn.Module:
-        if name not in loaded:
-            if name == "smollm2":
-                spec, cache = DEFAULT_MODEL, request.getfixturevalue("farscope_cache_dir")
-            else:
-                spec, cache = request.getfixturevalue("tiny_spec")(name), None
-            model = load_model(spec, cache_dir=cache).model
-            model.set_attn_implementation("eager")
-            loaded[name] = model
-        return loaded[name]
-    yield get
-    loaded.clear()
-
-
 @pytest.fixture(params=CASES)
-def case(request: pytest.FixtureRequest, eager_copies: Callable[[str], nn.Module]) -> Case:
+def case(request: pytest.FixtureRequest) -> Case:
     name = request.param
     if name == "smollm2":
         model, tokenizer = request.getfixturevalue("smol_local")
-        return Case(name, request.getfixturevalue("smol"), model, eager_copies(name), tokenizer, 5, 2)
+        return Case(name, request.getfixturevalue("smol"), model, request.getfixturevalue("smol_eager"), tokenizer,
+                    5, 2)
     return Case(name, request.getfixturevalue("tiny_remote")[name], request.getfixturevalue("tiny_local")[name],
-                eager_copies(name), request.getfixturevalue("tiny_tokenizer"), 1, 2)
+                request.getfixturevalue("tiny_eager")[name], request.getfixturevalue("tiny_tokenizer"), 1, 2)
 
 
 def at(root: Any, path: str) -> Any:

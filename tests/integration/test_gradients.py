@@ -25,8 +25,6 @@ import torch
 from torch import nn
 
 import farscope
-from farscope.server.config import DEFAULT_MODEL
-from farscope.server.loading import load_model
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 OTHER = "When Mary and John went to the store, Mary gave a drink to"  # the same length (no padding)
@@ -258,11 +256,9 @@ def test_grads_of_the_attention_hook_points(case: Case, request: pytest.FixtureR
         g_heads = heads.grad.save()
 
     if case.name == "smollm2":
-        spec, cache = DEFAULT_MODEL, request.getfixturevalue("farscope_cache_dir")
+        eager = request.getfixturevalue("smol_eager")
     else:
-        spec, cache = request.getfixturevalue("tiny_spec")(case.name), None
-    eager = load_model(spec, cache_dir=cache).model
-    eager.set_attn_implementation("eager")
+        eager = request.getfixturevalue("tiny_eager")[case.name]
     with torch.enable_grad():
         out = eager(case.ids(PROMPT), use_cache=False, output_attentions=True)
         (expected_probs,) = torch.autograd.grad(diff(out.logits), out.attentions[case.read])

@@ -14,7 +14,7 @@ case here fails `test_every_op_has_a_case`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -26,9 +26,6 @@ import farscope
 from farscope.client import Proxy
 from farscope.interventions import ops
 from farscope.interventions.errors import FarscopeError
-from farscope.server.loading import load_model
-from farscope.server.replica import Replica
-from farscope.server.service import start_server
 
 PROMPT = "When Mary and John went to the store"
 # Special ops are tested where their behaviour lives: hook points, gradients, sessions, generation.
@@ -462,21 +459,10 @@ def _run_isolating(model, names: list[str], attributes: list[str]) -> dict[str, 
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_spec) -> Iterator[tuple[farscope.RemoteModel, nn.Module, Any]]:
-    """(remote tiny Llama over real gRPC on loopback, a local copy of the same weights, its tokenizer).
-
-    tests/integration/conftest.py's fixtures are not visible from this folder, so this module starts
-    its own server the same way (`load_model` + `Replica` + `start_server`).
-    """
-    spec = tiny_spec("llama")
-    server = start_server({spec.name: Replica(load_model(spec))}, host="127.0.0.1", port=0)
-    remote = farscope.RemoteModel(spec.name, address=f"127.0.0.1:{server.port}")
-    local = load_model(spec)
-    try:
-        yield remote, local.model, local.tokenizer
-    finally:
-        remote.close()
-        server.stop(grace=1)
+def tiny(tiny_remote, tiny_local, tiny_tokenizer) -> tuple[farscope.RemoteModel, nn.Module, Any]:
+    """(remote tiny Llama over real gRPC on loopback, a local copy of the same weights, its tokenizer):
+    the session's shared server and reference copy (tests/conftest.py)."""
+    return tiny_remote["llama"], tiny_local["llama"], tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,8 @@
-"""Fixtures for the recipe tests: in-process servers of the tiny models and of smollm2-135m, and local
-copies of the same weights for plain-PyTorch references.
+"""Fixtures for the recipe tests only; the shared servers, clients and reference copies (`tiny_remote`,
+`tiny_local`, `tiny_eager`, `smol`, `smol_local`, `smol_eager`) are in tests/conftest.py.
 
-`tests/conftest.py` (tiny_spec, default_model, farscope_cache_dir) applies here;
-`tests/integration/conftest.py` does not. Several recipe test files share this file: add fixtures
-with distinct names, do not rename existing ones.
+Here: `recipes_tiny_local`, the shared tiny reference copies paired with their tokenizers as the recipe
+tests take them, and the ``biased-<arch>`` models (random norm weights and biases) on a server of their own.
 """
 
 from __future__ import annotations
@@ -11,102 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-# -- servers and local copies for the logit lens, DLA and attention recipes (prefix `recipes_`) ------
-# Each server loads its models through the normal path (`load_model`); references run on second
-# copies loaded from the same files: `*_local` keep the model's own (sdpa) attention, `*_eager` are
-# switched to eager attention, whose `output_attentions` are what `attn_probs` reads equal.
-
 RECIPES_TINY_ARCHS = ("llama", "gpt2", "gpt_neox")
 
 
 @pytest.fixture(scope="session")
-def recipes_tiny_server(tiny_spec):
-    from farscope.server.loading import load_model
-    from farscope.server.replica import Replica
-    from farscope.server.service import start_server
-
-    replicas = {f"tiny-{arch}": Replica(load_model(tiny_spec(arch, name=f"tiny-{arch}")))
-                for arch in RECIPES_TINY_ARCHS}
-    server = start_server(replicas, host="127.0.0.1", port=0)
-    yield server
-    server.stop(grace=1)
-
-
-@pytest.fixture(scope="session")
-def recipes_tiny_remote(recipes_tiny_server):
-    """{"llama" | "gpt2" | "gpt_neox": farscope.RemoteModel} on a server of the tiny models."""
-    import farscope
-
-    models = {arch: farscope.RemoteModel(f"tiny-{arch}", address=f"127.0.0.1:{recipes_tiny_server.port}")
-              for arch in RECIPES_TINY_ARCHS}
-    yield models
-    for model in models.values():
-        model.close()
-
-
-@pytest.fixture(scope="session")
-def recipes_tiny_local(tiny_spec):
-    """{arch: (local nn.Module with sdpa attention, tokenizer)}: second copies for references."""
-    from farscope.server.loading import load_model
-
-    loaded = {arch: load_model(tiny_spec(arch)) for arch in RECIPES_TINY_ARCHS}
-    return {arch: (item.model, item.tokenizer) for arch, item in loaded.items()}
-
-
-@pytest.fixture(scope="session")
-def recipes_tiny_eager(tiny_spec):
-    """{arch: local nn.Module with eager attention} (its `output_attentions` are the reference)."""
-    from farscope.server.loading import load_model
-
-    models = {}
-    for arch in RECIPES_TINY_ARCHS:
-        model = load_model(tiny_spec(arch)).model
-        model.set_attn_implementation("eager")
-        models[arch] = model
-    return models
-
-
-@pytest.fixture(scope="session")
-def recipes_smol_server(default_model):
-    from farscope.server.config import DEFAULT_MODEL
-    from farscope.server.replica import Replica
-    from farscope.server.service import start_server
-
-    server = start_server({DEFAULT_MODEL.name: Replica(default_model)}, host="127.0.0.1", port=0)
-    yield server
-    server.stop(grace=1)
-
-
-@pytest.fixture(scope="session")
-def recipes_smol(recipes_smol_server):
-    """farscope.RemoteModel of smollm2-135m on an in-process server."""
-    import farscope
-    from farscope.server.config import DEFAULT_MODEL
-
-    model = farscope.RemoteModel(DEFAULT_MODEL.name, address=f"127.0.0.1:{recipes_smol_server.port}")
-    yield model
-    model.close()
-
-
-@pytest.fixture(scope="session")
-def recipes_smol_local(farscope_cache_dir):
-    """(local smollm2-135m with sdpa attention, tokenizer), loaded from the same converted cache."""
-    from farscope.server.config import DEFAULT_MODEL
-    from farscope.server.loading import load_model
-
-    loaded = load_model(DEFAULT_MODEL, cache_dir=farscope_cache_dir)
-    return loaded.model, loaded.tokenizer
-
-
-@pytest.fixture(scope="session")
-def recipes_smol_eager(farscope_cache_dir):
-    """A local smollm2-135m with eager attention."""
-    from farscope.server.config import DEFAULT_MODEL
-    from farscope.server.loading import load_model
-
-    model = load_model(DEFAULT_MODEL, cache_dir=farscope_cache_dir).model
-    model.set_attn_implementation("eager")
-    return model
+def recipes_tiny_local(tiny_loaded):
+    """{arch: (local nn.Module with sdpa attention, tokenizer)}: the shared reference copies."""
+    return {arch: (item.model, item.tokenizer) for arch, item in tiny_loaded.items()}
 
 
 @pytest.fixture(scope="session")

@@ -81,9 +81,9 @@ class Submits:
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
-def test_batched_collection_equals_solo_hooks(arch, recipes_tiny_remote, recipes_tiny_local, monkeypatch, capsys):
+def test_batched_collection_equals_solo_hooks(arch, tiny_remote, recipes_tiny_local, monkeypatch, capsys):
     model, tokenizer = recipes_tiny_local[arch]
-    remote = recipes_tiny_remote[arch]
+    remote = tiny_remote[arch]
     layers = LAYERS[arch]
     points = [f"{layers}.1", f"{layers}.0.mlp.input", f"{layers}.0.mlp.output"]
     submits = Submits(remote, monkeypatch)
@@ -99,11 +99,11 @@ def test_batched_collection_equals_solo_hooks(arch, recipes_tiny_remote, recipes
     assert not torch.allclose(result[points[1]], result[points[2]])
 
 
-def test_several_positions_count_from_each_prompts_own_start(recipes_tiny_remote, recipes_tiny_local, tmp_path):
+def test_several_positions_count_from_each_prompts_own_start(tiny_remote, recipes_tiny_local, tmp_path):
     model, tokenizer = recipes_tiny_local["llama"]
     points = ["model.layers.0.output", "model.layers.1.input"]
     positions = [0, 2, -1]
-    result = collect_activations(recipes_tiny_remote["llama"], PROMPTS, points, positions=positions, batch_size=3,
+    result = collect_activations(tiny_remote["llama"], PROMPTS, points, positions=positions, batch_size=3,
                                  progress=False)
     expected = reference(model, tokenizer, PROMPTS, points, positions)
     for point in points:
@@ -112,38 +112,38 @@ def test_several_positions_count_from_each_prompts_own_start(recipes_tiny_remote
     assert result.plot(tmp_path / "cosine.png").stat().st_size > 0
 
 
-def test_batches_of_one_are_exact(recipes_tiny_remote, recipes_tiny_local):
+def test_batches_of_one_are_exact(tiny_remote, recipes_tiny_local):
     model, tokenizer = recipes_tiny_local["gpt2"]
     points = ["transformer.h.1", "transformer.h.1.attn.input"]
-    result = collect_activations(recipes_tiny_remote["gpt2"], PROMPTS[:3], points, positions=[0, -2],
+    result = collect_activations(tiny_remote["gpt2"], PROMPTS[:3], points, positions=[0, -2],
                                  batch_size=1, progress=False)
     expected = reference(model, tokenizer, PROMPTS[:3], points, [0, -2])
     for point in points:
         torch.testing.assert_close(result[point], expected[point], rtol=0, atol=0)
 
 
-def test_a_position_outside_a_prompt_is_refused(recipes_tiny_remote):
+def test_a_position_outside_a_prompt_is_refused(tiny_remote):
     with pytest.raises(IndexError, match="quick brown"):
-        collect_activations(recipes_tiny_remote["llama"], PROMPTS, "model.layers.0", positions=-12, progress=False)
+        collect_activations(tiny_remote["llama"], PROMPTS, "model.layers.0", positions=-12, progress=False)
 
 
-def test_smollm2_collection_equals_hooks(recipes_smol, recipes_smol_local):
-    model, tokenizer = recipes_smol_local
+def test_smollm2_collection_equals_hooks(smol, smol_local):
+    model, tokenizer = smol_local
     points = ["model.layers.12", "model.layers.5.mlp.input"]
-    result = collect_activations(recipes_smol, PROMPTS[:4], points, batch_size=4, progress=False)
+    result = collect_activations(smol, PROMPTS[:4], points, batch_size=4, progress=False)
     expected = reference(model, tokenizer, PROMPTS[:4], points, -1)
     for point in points:
         torch.testing.assert_close(result[point], expected[point], **SMOL_PADDED)
 
 
-def test_probe_example_runs(recipes_smol):
+def test_probe_example_runs(smol):
     """examples/probe.py on smollm2 (80 true/false statements; two layers here to keep it quick):
     truth is linearly decodable at layer 12 (0.94 measured), not at the embeddings' layer 0 (0.47)."""
     spec = importlib.util.spec_from_file_location("farscope_probe_example", EXAMPLE)
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
     started = time.perf_counter()
-    results = probe.run(recipes_smol, layers=[0, 12], progress=False)
+    results = probe.run(smol, layers=[0, 12], progress=False)
     assert time.perf_counter() - started < 60
     assert len(probe.dataset()[0]) >= 40
     assert results[12]["test_accuracy"] >= 0.85

@@ -39,39 +39,39 @@ def reference_scores(attentions: torch.Tensor, kind: str, seq_len: int, offset: 
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
-def test_attention_patterns_equal_eager_output_attentions(arch, recipes_tiny_remote, recipes_tiny_local,
-                                                         recipes_tiny_eager, tmp_path):
+def test_attention_patterns_equal_eager_output_attentions(arch, tiny_remote, recipes_tiny_local,
+                                                         tiny_eager, tmp_path):
     _, tokenizer = recipes_tiny_local[arch]
     ids = torch.tensor([tokenizer(IOI)["input_ids"]])
-    expected = eager_attentions(recipes_tiny_eager[arch], ids)[:, 0]      # [layers, heads, q, k]
+    expected = eager_attentions(tiny_eager[arch], ids)[:, 0]      # [layers, heads, q, k]
 
-    everything = attention_patterns(recipes_tiny_remote[arch], IOI)
+    everything = attention_patterns(tiny_remote[arch], IOI)
     assert isinstance(everything, AttentionPatternsResult)
     assert torch.equal(everything.patterns, expected)
     assert everything.layers == [0, 1] and everything.heads == [0, 1, 2, 3]
     assert everything.tokens == [tokenizer.decode([t]) for t in ids[0].tolist()]
 
-    some = attention_patterns(recipes_tiny_remote[arch], IOI, layers=[1], heads=[3, 0])
+    some = attention_patterns(tiny_remote[arch], IOI, layers=[1], heads=[3, 0])
     assert torch.equal(some.patterns, expected[[1]][:, [3, 0]])
     path = some.plot(tmp_path / "patterns.png")
     assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("kind", ["induction", "previous_token", "duplicate_token"])
-def test_head_scores_equal_the_reference_on_tiny_models(kind, recipes_tiny_remote, recipes_tiny_eager, tmp_path):
+def test_head_scores_equal_the_reference_on_tiny_models(kind, tiny_remote, tiny_eager, tmp_path):
     for arch in ("llama", "gpt2", "gpt_neox"):
-        result = head_scores(recipes_tiny_remote[arch], kind=kind, seq_len=12, batch=3, seed=1)
+        result = head_scores(tiny_remote[arch], kind=kind, seq_len=12, batch=3, seed=1)
         assert isinstance(result, HeadScoresResult) and result.kind == kind
         assert result.ids.shape == (3, 24)                 # the tiny tokenizer has no BOS
         assert torch.equal(result.ids[:, :12], result.ids[:, 12:])
         assert all(len(set(row)) == 12 for row in result.ids[:, :12].tolist())   # distinct tokens per row
-        expected = reference_scores(eager_attentions(recipes_tiny_eager[arch], result.ids), kind, 12, 0)
+        expected = reference_scores(eager_attentions(tiny_eager[arch], result.ids), kind, 12, 0)
         torch.testing.assert_close(result.scores, expected, rtol=0, atol=1e-6)
     assert result.plot(tmp_path / f"{kind}.png").stat().st_size > 1000
 
 
-def test_head_scores_are_reproducible_and_checked(recipes_tiny_remote):
-    model = recipes_tiny_remote["llama"]
+def test_head_scores_are_reproducible_and_checked(tiny_remote):
+    model = tiny_remote["llama"]
     a = head_scores(model, seq_len=8, batch=2, seed=3)
     b = head_scores(model, seq_len=8, batch=2, seed=3)
     assert torch.equal(a.ids, b.ids) and torch.equal(a.scores, b.scores)
@@ -80,12 +80,12 @@ def test_head_scores_are_reproducible_and_checked(recipes_tiny_remote):
         head_scores(model, kind="copying")
 
 
-def test_smollm2_has_induction_and_previous_token_heads(recipes_smol, recipes_smol_eager, tmp_path):
+def test_smollm2_has_induction_and_previous_token_heads(smol, smol_eager, tmp_path):
     found = {}
     for kind in ("induction", "previous_token"):
-        result = head_scores(recipes_smol, kind=kind)           # seq_len=50, batch=4, seed=0, after BOS
+        result = head_scores(smol, kind=kind)           # seq_len=50, batch=4, seed=0, after BOS
         assert result.ids.shape == (4, 101) and result.meta["prepend_bos"]
-        expected = reference_scores(eager_attentions(recipes_smol_eager, result.ids), kind, 50, 1)
+        expected = reference_scores(eager_attentions(smol_eager, result.ids), kind, 50, 1)
         torch.testing.assert_close(result.scores, expected, rtol=0, atol=1e-6)
         found[kind] = result.top(5)
         assert found[kind][0][1] > 0.5, found[kind]

@@ -145,19 +145,19 @@ def test_dla_equals_reference_and_sums_to_the_logit_on_tiny_models(arch, with_fo
         assert result.attn_bias.abs().sum() > 0 and result.final_bias != 0    # the biases are accounted for
 
 
-def test_dla_accepts_token_ids_and_refuses_multi_token_strings(recipes_tiny_remote, recipes_tiny_local):
+def test_dla_accepts_token_ids_and_refuses_multi_token_strings(tiny_remote, recipes_tiny_local):
     model, tokenizer = recipes_tiny_local["gpt2"]
-    by_text = direct_logit_attribution(recipes_tiny_remote["gpt2"], IOI, " Mary", " John")
-    by_id = direct_logit_attribution(recipes_tiny_remote["gpt2"], IOI, _token(tokenizer, " Mary"),
+    by_text = direct_logit_attribution(tiny_remote["gpt2"], IOI, " Mary", " John")
+    by_id = direct_logit_attribution(tiny_remote["gpt2"], IOI, _token(tokenizer, " Mary"),
                                      _token(tokenizer, " John"))
     assert torch.equal(by_text.heads, by_id.heads) and by_id.target == " Mary"
     with pytest.raises(ValueError, match="tokens"):
-        direct_logit_attribution(recipes_tiny_remote["gpt2"], IOI, " Mary went home")
+        direct_logit_attribution(tiny_remote["gpt2"], IOI, " Mary went home")
 
 
-def test_dla_on_smollm2_ioi(recipes_smol, recipes_smol_local, tmp_path):
-    model, tokenizer = recipes_smol_local
-    result = direct_logit_attribution(recipes_smol, IOI, " Mary", foil=" John")
+def test_dla_on_smollm2_ioi(smol, smol_local, tmp_path):
+    model, tokenizer = smol_local
+    result = direct_logit_attribution(smol, IOI, " Mary", foil=" John")
     expected = reference_dla(model, tokenizer, IOI, PATHS["smollm2"], _token(tokenizer, " Mary"),
                              _token(tokenizer, " John"))
     check_against_reference(result, expected)

@@ -87,9 +87,9 @@ def reference(model, tokenizer, arch, prompt, target, foil, steps=None):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
-def test_gradient_x_input_equals_hooks(arch, recipes_tiny_remote, recipes_tiny_local, tmp_path):
+def test_gradient_x_input_equals_hooks(arch, tiny_remote, recipes_tiny_local, tmp_path):
     model, tokenizer = recipes_tiny_local[arch]
-    result = input_attribution(recipes_tiny_remote[arch], IOI, " Mary", foil=" John")
+    result = input_attribution(tiny_remote[arch], IOI, " Mary", foil=" John")
     attributions, metric, _ = reference(model, tokenizer, arch, IOI, " Mary", " John")
     assert isinstance(result, InputAttributionResult)
     torch.testing.assert_close(result.attributions, attributions, **EXACT)
@@ -102,9 +102,9 @@ def test_gradient_x_input_equals_hooks(arch, recipes_tiny_remote, recipes_tiny_l
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
-def test_integrated_gradients_equal_hooks(arch, recipes_tiny_remote, recipes_tiny_local):
+def test_integrated_gradients_equal_hooks(arch, tiny_remote, recipes_tiny_local):
     model, tokenizer = recipes_tiny_local[arch]
-    result = input_attribution(recipes_tiny_remote[arch], IOI, " Mary", method="integrated_gradients", steps=8,
+    result = input_attribution(tiny_remote[arch], IOI, " Mary", method="integrated_gradients", steps=8,
                                aggregation="dot")
     attributions, metric, baseline = reference(model, tokenizer, arch, IOI, " Mary", None, steps=8)
     torch.testing.assert_close(result.attributions, attributions, **EXACT)
@@ -113,10 +113,10 @@ def test_integrated_gradients_equal_hooks(arch, recipes_tiny_remote, recipes_tin
     assert result.meta["rule"] == "midpoint"
 
 
-def test_integrated_gradients_are_complete_on_a_smooth_path(recipes_tiny_remote):
+def test_integrated_gradients_are_complete_on_a_smooth_path(tiny_remote):
     """Σ IG → m(x) − m(0) at the midpoint rule's O(1/steps²): 4× the steps, ≥ 8× smaller error
     (16× in theory), and under 1e-3 of the scale at 32 steps; float32 rounding is ~1e-6 here."""
-    model = recipes_tiny_remote["gpt2"]
+    model = tiny_remote["gpt2"]
     errors = {}
     for steps in (8, 32):
         result = input_attribution(model, IOI, " Mary", foil=" John", method="integrated_gradients", steps=steps)
@@ -127,17 +127,17 @@ def test_integrated_gradients_are_complete_on_a_smooth_path(recipes_tiny_remote)
     assert errors[32] < 1e-3 * scale
 
 
-def test_zero_baseline_is_singular_without_biases(recipes_tiny_remote):
+def test_zero_baseline_is_singular_without_biases(tiny_remote):
     """Llama has no biases: zero token embeddings give an all-zero residual stream and logits exactly 0,
     while any α > 0 gives a normalised, O(1) final residual — a jump completeness cannot integrate."""
-    result = input_attribution(recipes_tiny_remote["llama"], IOI, " Mary", foil=" John",
+    result = input_attribution(tiny_remote["llama"], IOI, " Mary", foil=" John",
                                method="integrated_gradients", steps=4)
     assert result.baseline_metric == 0.0
 
 
-def test_smollm2_gradient_x_input_and_ig(recipes_smol, recipes_smol_local, tmp_path):
-    model, tokenizer = recipes_smol_local
-    result = input_attribution(recipes_smol, EIFFEL, " Paris", foil=" Rome")
+def test_smollm2_gradient_x_input_and_ig(smol, smol_local, tmp_path):
+    model, tokenizer = smol_local
+    result = input_attribution(smol, EIFFEL, " Paris", foil=" Rome")
     attributions, metric, _ = reference(model, tokenizer, "smollm2", EIFFEL, " Paris", " Rome")
     torch.testing.assert_close(result.attributions, attributions, **EXACT)
     assert result.metric == metric > 0
@@ -145,7 +145,7 @@ def test_smollm2_gradient_x_input_and_ig(recipes_smol, recipes_smol_local, tmp_p
     print(result)
     result.plot(tmp_path / "smol_gxi.png")
 
-    ig = input_attribution(recipes_smol, EIFFEL, " Paris", foil=" Rome", method="integrated_gradients", steps=4)
+    ig = input_attribution(smol, EIFFEL, " Paris", foil=" Rome", method="integrated_gradients", steps=4)
     attributions, metric, baseline = reference(model, tokenizer, "smollm2", EIFFEL, " Paris", " Rome", steps=4)
     torch.testing.assert_close(ig.attributions, attributions, **EXACT)
     assert (ig.metric, ig.baseline_metric) == (metric, baseline)
@@ -153,8 +153,8 @@ def test_smollm2_gradient_x_input_and_ig(recipes_smol, recipes_smol_local, tmp_p
           f"{ig.metric - ig.baseline_metric:.3f}, error {ig.completeness_error:.3f}")
 
 
-def test_bad_arguments(recipes_tiny_remote):
-    model = recipes_tiny_remote["llama"]
+def test_bad_arguments(tiny_remote):
+    model = tiny_remote["llama"]
     with pytest.raises(ValueError, match="method"):
         input_attribution(model, IOI, " Mary", method="saliency")
     with pytest.raises(ValueError, match="aggregation"):

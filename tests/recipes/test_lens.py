@@ -40,9 +40,9 @@ def reference_lens(model, tokenizer, prompt: str, layers: str, norm: str, k: int
 
 
 @pytest.mark.parametrize("arch", list(LAYERS))
-def test_logit_lens_equals_plain_hooks_on_tiny_models(arch, recipes_tiny_remote, recipes_tiny_local, tmp_path):
+def test_logit_lens_equals_plain_hooks_on_tiny_models(arch, tiny_remote, recipes_tiny_local, tmp_path):
     model, tokenizer = recipes_tiny_local[arch]
-    result = logit_lens(recipes_tiny_remote[arch], EIFFEL, k=3)
+    result = logit_lens(tiny_remote[arch], EIFFEL, k=3)
     probs, ids, logits = reference_lens(model, tokenizer, EIFFEL, LAYERS[arch], NORMS[arch], 3)
 
     assert isinstance(result, LogitLensResult)
@@ -59,9 +59,9 @@ def test_logit_lens_equals_plain_hooks_on_tiny_models(arch, recipes_tiny_remote,
     assert path.stat().st_size > 1000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_logit_lens_on_smollm2_finds_paris_only_in_the_last_layers(recipes_smol, recipes_smol_local, tmp_path):
-    model, tokenizer = recipes_smol_local
-    result = logit_lens(recipes_smol, EIFFEL, k=5)
+def test_logit_lens_on_smollm2_finds_paris_only_in_the_last_layers(smol, smol_local, tmp_path):
+    model, tokenizer = smol_local
+    result = logit_lens(smol, EIFFEL, k=5)
     probs, ids, _ = reference_lens(model, tokenizer, EIFFEL, "model.layers", "model.norm", 5)
     assert torch.equal(result.token_ids, ids)
     assert torch.equal(result.probs, probs)

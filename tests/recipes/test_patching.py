@@ -1,6 +1,6 @@
 """`activation_patching` and `attribution_patching` against plain PyTorch hooks, and the IOI result on smollm2.
 
-References run on second copies of the same weights (`recipes_*_local`, conftest.py) with forward hooks
+References run on second copies of the same weights (`recipes_tiny_local`, `smol_local`; conftest.py) with forward hooks
 only: the component's output is captured by a forward hook on the decoder layer ("resid"), the
 attention module (its output[0], "attn") or the MLP ("mlp"); a head's output is the matching `head_dim`
 slice of the output projection's input (a forward pre-hook), independent of farscope's `head_out`.
@@ -190,7 +190,7 @@ def reference_atp(ref: Ref, component: str, setup: str, clean: list[int], corrup
 @pytest.fixture(params=ARCHS)
 def tiny(request):
     arch = request.param
-    remote = request.getfixturevalue("recipes_tiny_remote")[arch]
+    remote = request.getfixturevalue("tiny_remote")[arch]
     model, tokenizer = request.getfixturevalue("recipes_tiny_local")[arch]
     return remote, Ref(model, layout_of(remote)), tokenizer
 
@@ -225,10 +225,10 @@ def test_activation_patching_equals_plain_hooks_on_tiny_models(tiny, component, 
     assert result.plot(tmp_path / f"{component}.png").stat().st_size > 0
 
 
-def test_noise_options_and_chunking_on_tiny_llama(recipes_tiny_remote, recipes_tiny_local):
+def test_noise_options_and_chunking_on_tiny_llama(tiny_remote, recipes_tiny_local):
     """An explicit noise_std, noise on chosen positions only, chosen layers and negative positions,
     and a sweep cut into many small requests: all equal to the reference."""
-    remote = recipes_tiny_remote["llama"]
+    remote = tiny_remote["llama"]
     model, tokenizer = recipes_tiny_local["llama"]
     ref = Ref(model, layout_of(remote))
     clean = ids_of(tokenizer, CLEAN)
@@ -248,8 +248,8 @@ def test_noise_options_and_chunking_on_tiny_llama(recipes_tiny_remote, recipes_t
     assert partial.corrupted_metric == metric(ref.run([clean], delta=delta)).item()
 
 
-def test_patching_refuses_what_it_cannot_do(recipes_tiny_remote):
-    remote = recipes_tiny_remote["llama"]
+def test_patching_refuses_what_it_cannot_do(tiny_remote):
+    remote = tiny_remote["llama"]
     metric = logit_diff(remote.tokenizer)
     with pytest.raises(ValueError, match="same length"):
         activation_patching(remote, CLEAN, "When Mary and John went to the store, John gave", metric)
@@ -289,16 +289,16 @@ IOI_LAYERS = [0, 4, 8, 12, 16, 20, 23, 26, 29]
 HEAD_LAYERS = list(range(14, 30))
 
 
-def test_ioi_on_smollm2(recipes_smol, recipes_smol_local, tmp_path):
-    model, tokenizer = recipes_smol_local
-    ref = Ref(model, layout_of(recipes_smol))
+def test_ioi_on_smollm2(smol, smol_local, tmp_path):
+    model, tokenizer = smol_local
+    ref = Ref(model, layout_of(smol))
     clean, corrupted = ids_of(tokenizer, CLEAN), ids_of(tokenizer, CORRUPTED)
     metric = logit_diff(tokenizer)
     s2, end = 9, len(clean) - 1
     assert tokenizer.decode([clean[s2]]) == " John" and tokenizer.decode([corrupted[s2]]) == " Mary"
 
     started = time.perf_counter()
-    exact = activation_patching(recipes_smol, CLEAN, CORRUPTED, metric, layers=IOI_LAYERS)
+    exact = activation_patching(smol, CLEAN, CORRUPTED, metric, layers=IOI_LAYERS)
     elapsed = time.perf_counter() - started
     print(f"\nIOI resid sweep: {exact.values.numel()} patched runs in {elapsed:.1f} s")
     assert exact.clean_metric > 5 and exact.corrupted_metric < -5
@@ -317,20 +317,20 @@ def test_ioi_on_smollm2(recipes_smol, recipes_smol_local, tmp_path):
     assert torch.equal(exact.values, expected), f"max diff {(exact.values - expected).abs().max()}"
     assert exact.clean_metric == clean_metric.item() and exact.corrupted_metric == corrupted_metric.item()
 
-    atp = attribution_patching(recipes_smol, CLEAN, CORRUPTED, metric, layers=IOI_LAYERS)
+    atp = attribution_patching(smol, CLEAN, CORRUPTED, metric, layers=IOI_LAYERS)
     correlation = torch.corrcoef(torch.stack([atp.effect.flatten(), exact.effect.flatten()]))[0, 1].item()
     print(f"AtP vs exact, resid: correlation {correlation:.3f}")
     assert correlation > 0.5
 
 
-def test_ioi_heads_atp_on_smollm2(recipes_smol, tmp_path):
+def test_ioi_heads_atp_on_smollm2(smol, tmp_path):
     """Every head of the second half, patched at the final position (144 runs), against AtP's estimate."""
-    metric = logit_diff(recipes_smol.tokenizer)
+    metric = logit_diff(smol.tokenizer)
     started = time.perf_counter()
-    exact = activation_patching(recipes_smol, CLEAN, CORRUPTED, metric, component="head", positions=[-1],
+    exact = activation_patching(smol, CLEAN, CORRUPTED, metric, component="head", positions=[-1],
                                 layers=HEAD_LAYERS)
     elapsed = time.perf_counter() - started
-    atp = attribution_patching(recipes_smol, CLEAN, CORRUPTED, metric, component="head", positions=[-1],
+    atp = attribution_patching(smol, CLEAN, CORRUPTED, metric, component="head", positions=[-1],
                                layers=HEAD_LAYERS)
     assert exact.values.shape == atp.values.shape == (len(HEAD_LAYERS), 1, 9)
     correlation = torch.corrcoef(torch.stack([atp.effect.flatten(), exact.effect.flatten()]))[0, 1].item()

@@ -86,9 +86,9 @@ def hf_generate(model, tokenizer, prompt, steps, edits=None):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
-def test_steering_vector_equals_per_prompt_hooks(arch, recipes_tiny_remote, recipes_tiny_local, monkeypatch):
+def test_steering_vector_equals_per_prompt_hooks(arch, tiny_remote, recipes_tiny_local, monkeypatch):
     model, tokenizer = recipes_tiny_local[arch]
-    remote = recipes_tiny_remote[arch]
+    remote = tiny_remote[arch]
     requests = Requests(remote, monkeypatch)
     path = f"{LAYERS[arch]}.1"
     vector = steering_vector(remote, POSITIVE, NEGATIVE, layer=1)
@@ -102,12 +102,12 @@ def test_steering_vector_equals_per_prompt_hooks(arch, recipes_tiny_remote, reci
     torch.testing.assert_close(first, reference_vector(model, tokenizer, path, POSITIVE, NEGATIVE, 1), **PADDED)
 
 
-def test_steering_vector_of_equal_lengths_is_exact(recipes_tiny_remote, recipes_tiny_local):
+def test_steering_vector_of_equal_lengths_is_exact(tiny_remote, recipes_tiny_local):
     """Prompts of one length make an unpadded batch, the same call as `model(ids)` on both rows."""
     model, tokenizer = recipes_tiny_local["llama"]
     positive, negative = "When Mary and John went", "When Tom and Anna went"
     ids = torch.tensor([tokenizer(positive)["input_ids"], tokenizer(negative)["input_ids"]])
-    vector = steering_vector(recipes_tiny_remote["llama"], [positive], [negative], layer=0)
+    vector = steering_vector(tiny_remote["llama"], [positive], [negative], layer=0)
     kept = {}
     handle = model.model.layers[0].register_forward_hook(lambda m, a, o: kept.__setitem__("h", o))
     try:
@@ -121,10 +121,10 @@ def test_steering_vector_of_equal_lengths_is_exact(recipes_tiny_remote, recipes_
 
 @pytest.mark.parametrize("positions", ["all", "last"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
-def test_generate_equals_hf_generate_with_a_hook(arch, positions, recipes_tiny_remote, recipes_tiny_local,
+def test_generate_equals_hf_generate_with_a_hook(arch, positions, tiny_remote, recipes_tiny_local,
                                                  monkeypatch, tmp_path):
     model, tokenizer = recipes_tiny_local[arch]
-    remote = recipes_tiny_remote[arch]
+    remote = tiny_remote[arch]
     vec = 4 * torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(3))
     requests = Requests(remote, monkeypatch)
     result = generate(remote, PROMPT, steer={0: vec}, max_new_tokens=8, positions=positions)
@@ -150,18 +150,18 @@ def test_generate_equals_hf_generate_with_a_hook(arch, positions, recipes_tiny_r
     assert result.plot(tmp_path / "steer.png").stat().st_size > 0
 
 
-def test_smollm2_caa_vector_steers_generation(recipes_smol, recipes_smol_local, monkeypatch, tmp_path):
+def test_smollm2_caa_vector_steers_generation(smol, smol_local, monkeypatch, tmp_path):
     """A love − hate vector at layer 10 (difference of means over 4 + 4 prompts), added at every
     position: the generation equals HF generate with the same hook and differs from the plain one."""
-    model, tokenizer = recipes_smol_local
+    model, tokenizer = smol_local
     positive = ["I love you so much", "This is wonderful, I am so happy", "What a beautiful day", "I adore it"]
     negative = ["I hate you so much", "This is awful, I am so angry", "What a horrible day", "I despise it"]
-    requests = Requests(recipes_smol, monkeypatch)
-    vector = steering_vector(recipes_smol, positive, negative, layer=10)
+    requests = Requests(smol, monkeypatch)
+    vector = steering_vector(smol, positive, negative, layer=10)
     torch.testing.assert_close(vector, reference_vector(model, tokenizer, "model.layers.10", positive, negative),
                                **SMOL_PADDED)
     prompt, steps = "I think that you are", 10
-    result = generate(recipes_smol, prompt, steer={10: 4 * vector}, max_new_tokens=steps)
+    result = generate(smol, prompt, steer={10: 4 * vector}, max_new_tokens=steps)
     assert requests.count == 2  # one for the vector, one for both generations
 
     def add(out):
