@@ -273,11 +273,6 @@ class Server:
         self._health = health_servicer
         self._stopped = False
 
-    @property
-    def servicer(self) -> Engine:
-        """The engine, under the name tests used when the servicer held the server's state."""
-        return self.engine
-
     def add(self, replica: Replica) -> None:
         self.engine.add(replica)
 

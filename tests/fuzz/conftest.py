@@ -51,7 +51,7 @@ class Target:
 
     @property
     def replica(self) -> Replica:
-        return self.server.servicer.replicas[self.name]
+        return self.server.engine.replicas[self.name]
 
     def header(self, size: int, *, model: str | None = None, ir_version: int = IR_VERSION,
                client_version: str = "hostile") -> pb.ExecuteRequest:

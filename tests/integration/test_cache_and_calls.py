@@ -77,7 +77,7 @@ def hook_point(module: torch.nn.Module) -> bool:
 
 
 def server_model(server, name: str):
-    return server.servicer.replicas[name].model
+    return server.engine.replicas[name].model
 
 
 # -- cache -------------------------------------------------------------------------------------------

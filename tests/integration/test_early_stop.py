@@ -22,7 +22,7 @@ def _count_calls(model, paths):
 
 
 def test_reading_layer_3_of_30_runs_no_later_layer(smol, smol_server, smol_local):
-    server_model = smol_server.servicer.replicas["smollm2-135m"].model
+    server_model = smol_server.engine.replicas["smollm2-135m"].model
     layers = [f"model.layers.{i}" for i in range(30)]
     with _count_calls(server_model, [*layers, "lm_head"]) as counts:
         with smol.trace("The Eiffel Tower is located in the city of"):
@@ -40,7 +40,7 @@ def test_reading_layer_3_of_30_runs_no_later_layer(smol, smol_server, smol_local
 
 
 def test_a_write_with_nothing_saved_after_it_stops_there(tiny_remote, tiny_server):
-    server_model = tiny_server.servicer.replicas["tiny-llama"].model
+    server_model = tiny_server.engine.replicas["tiny-llama"].model
     m = tiny_remote["llama"]
     with _count_calls(server_model, ["model.layers.0", "model.layers.1", "lm_head"]) as counts:
         with m.trace("John gave a drink to Mary"):
@@ -51,7 +51,7 @@ def test_a_write_with_nothing_saved_after_it_stops_there(tiny_remote, tiny_serve
 
 
 def test_reading_the_logits_runs_everything(tiny_remote, tiny_server):
-    server_model = tiny_server.servicer.replicas["tiny-llama"].model
+    server_model = tiny_server.engine.replicas["tiny-llama"].model
     m = tiny_remote["llama"]
     with _count_calls(server_model, ["model.layers.0", "model.layers.1", "lm_head"]) as counts:
         with m.trace("John gave a drink to Mary"):

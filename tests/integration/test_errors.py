@@ -89,7 +89,7 @@ def still_serving(tiny_server, tiny_remote, channel, baseline) -> Callable[[], N
         for service in ("", SERVICE_NAME):
             status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
             assert status == health_pb2.HealthCheckResponse.SERVING, (service, status)
-        for name, replica in tiny_server.servicer.replicas.items():
+        for name, replica in tiny_server.engine.replicas.items():
             leftover = [path for path, module in replica.model.named_modules()
                         if module._forward_hooks or module._forward_pre_hooks]
             assert not leftover, f"{name}: hooks left on {leftover}"

@@ -146,7 +146,7 @@ def assert_equal(actual: torch.Tensor, expected: torch.Tensor, where: str) -> No
 
 def server_model(case: Case, request: pytest.FixtureRequest) -> nn.Module:
     server = request.getfixturevalue("smol_server" if case.name == "smollm2" else "tiny_server")
-    return server.servicer.replicas[case.remote.name].model
+    return server.engine.replicas[case.remote.name].model
 
 
 # -- reading gradients -------------------------------------------------------------------------
