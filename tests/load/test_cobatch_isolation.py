@@ -171,7 +171,7 @@ COMPUTATIONS: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
     ("Tensor.softmax", (-1,), {}),
 ]
 
-ACTIONS = ("mutate", "write", "compute", "random", "kwargs", "save", "root")
+ACTIONS = ("mutate", "write", "compute", "call", "random", "kwargs", "save", "root")
 
 
 @st.composite
@@ -217,6 +217,8 @@ def adversaries(draw: st.DrawFn) -> tuple[Graph, bool]:
         elif action == "compute":
             op, args, kwargs = draw(st.sampled_from(COMPUTATIONS))
             _save(g, Ref(g.add(op, (value, *args), kwargs).id))
+        elif action == "call":  # a module run out of order on the value (fails unless 64 wide)
+            _save(g, Ref(g.add(ops.CALL_MODULE, (HookPoint("model.layers.1.mlp", ops.CALL_POINT), value)).id))
         elif action == "random":
             random = True
             noise = Ref(g.add("torch.randn_like", (value,)).id)
@@ -425,3 +427,33 @@ def test_a_change_to_a_modules_kwargs_stays_with_its_job(replica, one_thread):
     _assert_victims_isolated(replica, outcomes, passes, eager=False)
     assert _same(outcomes[1], solo)
     assert passes.holding(_ids(95)) == [0, 1]
+
+
+def test_through_the_scheduler_and_the_client(tiny_spec, tmp_path, caplog, one_thread):
+    """End to end (client, gRPC, scheduler, `run_many`): the issue's two users, queued together."""
+    from test_scheduling import _cobatch_records, _concurrently, _serving  # tests/load, like this file
+
+    caplog.set_level(logging.INFO, logger="farscope.server")
+
+    def honest(model: Any) -> dict[str, torch.Tensor]:
+        with model.trace(_ids(1).view(1, -1)):
+            hidden = model.model.layers[0].output.save()
+            logits = model.lm_head.output.save()
+        return {"hidden": hidden.value, "logits": logits.value}
+
+    def hostile(model: Any) -> dict[str, torch.Tensor]:
+        with model.trace(_ids(2).view(1, -1)):
+            model.model.rotary_emb.output[0].mul_(3.0)
+            logits = model.lm_head.output.save()
+        return {"logits": logits.value}
+
+    with _serving(tiny_spec, tmp_path, cobatch=True) as setup:
+        with setup.model("alice") as alice, setup.model("bob") as bob:
+            solo = {"alice": honest(alice), "bob": hostile(bob)}
+        outcomes = _concurrently(setup, {"alice": honest, "bob": hostile})
+    assert _cobatch_records(caplog) == [2]  # they shared a pass
+    for user in ("alice", "bob"):
+        assert not isinstance(outcomes[user], Exception), outcomes[user]
+        assert outcomes[user].keys() == solo[user].keys()
+        assert all(torch.equal(outcomes[user][k], solo[user][k]) for k in solo[user]), user
+    assert sum("runs again alone" in r.getMessage() for r in caplog.records) == 1  # bob's job only
