@@ -118,7 +118,9 @@ class SharedPass:
         self.evicted: dict[int, str] = {}  # job -> why it must run again alone
         self._copies: list[tuple[int, torch.Tensor, int]] = []  # job, private copy, its version then
         self._containers: list[tuple[int, Any, list[Any]]] = []  # job, private list/dict, its items then
-        self._views: dict[int, set[int]] = {}  # storage address -> jobs handed rows of it
+        # storage address -> jobs handed rows of it (an address reused after a free can only make a
+        # job run again alone needlessly, never keep one that should not)
+        self._views: dict[int, set[int]] = {}
         self._replaced: list[tuple[int, set[int], list[tuple[torch.Tensor, int]]]] = []
 
     @property

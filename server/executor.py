@@ -206,7 +206,7 @@ class Executor:
                 except CancelledError:
                     raise
                 except FarscopeError as e:  # its job leaves the pass and runs again alone
-                    self._evict(self.shared.job_of(nid), f"{e.node or ''} failed: {e}")
+                    self._evict(self.shared.job_of(nid), f"a node failed: {e}")
         self.pending = [n for n in self.pending if n not in self.done and not self._evicted(n)]
 
     def _evicted(self, nid: int) -> bool:
