@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from farscope.interventions import ops
-from farscope.interventions.errors import FarscopeError, LimitError, RemoteError
+from farscope.interventions.errors import CancelledError, FarscopeError, LimitError, RemoteError
 from farscope.interventions.graph import Graph, HookPoint, Node, Ref, Segment, iter_refs, map_args
 
+from .cobatch import SharedPass, rebuild
 from .config import DEFAULT_MAX_BYTES
 from .guard import check_allocation
 
@@ -74,7 +75,8 @@ class Executor:
                  *, check_cancelled: Callable[[], None] | None = None,
                  on_log: Callable[[str], None] | None = None,
                  on_progress: Callable[[int, int], None] | None = None,
-                 max_tensor_bytes: int = DEFAULT_MAX_BYTES) -> None:
+                 max_tensor_bytes: int = DEFAULT_MAX_BYTES, shared: SharedPass | None = None) -> None:
+        """`shared`: the graph merges several jobs' graphs (cobatch.py), each isolated to its rows."""
         self.on_progress = on_progress
         self.model = model
         self.graph = graph
@@ -115,6 +117,7 @@ class Executor:
         self.bypass = 0  # > 0 while a `call_module` node runs a module outside the forward pass
         self.last_write: Node | None = None
         self.state: _SegmentState | None = None
+        self.shared = shared
 
     # -- running -------------------------------------------------------------------------------
 
@@ -122,6 +125,9 @@ class Executor:
         """Run every segment in order; returns the saved values by node id."""
         for segment in self.graph.segments:
             self._run_segment(segment)
+        if self.shared is not None:
+            for job in self.shared.check():
+                self._evict(job, self.shared.evicted[job])
         return {i: self.env[i] for i in self.saved_ids if i in self.done}
 
     def _run_segment(self, segment: Segment) -> None:
@@ -158,6 +164,9 @@ class Executor:
                 module.forward = forward
             self.frames.clear()
         self._drop_optional()
+        if self.shared is not None:  # a job with nodes that never ran fails alone, not the whole pass
+            for nid in self.pending:
+                self._evict(self.shared.job_of(nid), "some of its nodes never ran")
         if self.pending and segment.mode == "trace":
             raise self._never_ran(self.graph.nodes[self.pending[0]])
         # Under generate, nodes of steps after the last one (generation stopped early) never run;
@@ -185,12 +194,29 @@ class Executor:
     def _run_ready(self) -> None:
         # Re-entrant: a node may run a backward pass whose gradient hooks run nodes in turn.
         for nid in list(self.pending):
-            if nid in self.done or nid in self.running:
+            if nid in self.done or nid in self.running or self._evicted(nid):
                 continue
             node = self.graph.nodes[nid]
             if self._ready(node):
-                self._execute(node)
-        self.pending = [n for n in self.pending if n not in self.done]
+                if self.shared is None:
+                    self._execute(node)
+                    continue
+                try:
+                    self._execute(node)
+                except CancelledError:
+                    raise
+                except FarscopeError as e:  # its job leaves the pass and runs again alone
+                    self._evict(self.shared.job_of(nid), f"a node failed: {e}")
+        self.pending = [n for n in self.pending if n not in self.done and not self._evicted(n)]
+
+    def _evicted(self, nid: int) -> bool:
+        return self.shared is not None and self.shared.job_of(nid) in self.shared.evicted
+
+    def _evict(self, job: int, reason: str) -> None:
+        """Job `job` of a shared pass leaves it: its remaining nodes do not run; it runs again alone."""
+        self.shared.evict(job, reason)
+        nodes = self.shared.nodes_of(job)
+        self.pending = [n for n in self.pending if n not in nodes]
 
     def _ready(self, node: Node) -> bool:
         if any(dep not in self.done for dep in self.deps[node.id]):
@@ -261,11 +287,16 @@ class Executor:
         invoke = node.kwargs["invoke"]
         if frame.rows is None or invoke is None:
             return frame.value
-        return map_args(frame.value, lambda v: _narrow(v, frame.rows[invoke], frame.rows[-1][1]))
+        if self.shared is not None:  # its invoke's rows, and its own copy of what is not per-row
+            return self.shared.hand_out(self.shared.job_of(node.id), frame.value, invoke, frame.rows)
+        return rebuild(frame.value, lambda v: _narrow(v, frame.rows[invoke], frame.rows[-1][1]))
 
     def _write(self, node: Node) -> None:
         frame = self.frames[-1]
-        frame.value = self._write_rows(frame.value, node.kwargs["invoke"], self._resolve(node.args[1]))
+        value = self._write_rows(frame.value, node.kwargs["invoke"], self._resolve(node.args[1]))
+        if self.shared is not None:
+            self.shared.replacing(self.shared.job_of(node.id), frame.value)
+        frame.value = value
         self.last_write = node
 
     def _skip(self, node: Node) -> None:
@@ -453,6 +484,10 @@ class Executor:
             return _conform(current, new)
         start, stop = rows[invoke]
         if isinstance(current, torch.Tensor):
+            if self.shared is not None and (current.dim() == 0 or current.shape[0] != rows[-1][1]):
+                # Alone, the write would replace the value for its whole pass: here, for every job's.
+                raise ValueError(f"cannot write, in a shared pass, into a value without a batch dimension "
+                                 f"(shape {list(current.shape)})")
             out = current.clone()
             out[start:stop] = _conform(current[start:stop], new)
             return out

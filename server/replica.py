@@ -59,6 +59,9 @@ class Replica:
         self.module_paths = frozenset(path for path, _ in self.modules)
         self.tokenizer_sha256 = _files_digest(loaded.tokenizer_files)
         self._lock = threading.Lock()
+        # Hooking one of these switches every attention layer of the pass to eager (attention.py).
+        probes = {id(p) for m in self.model.modules() for p in getattr(m, "_farscope_probs", ())}
+        self.eager_modules = frozenset(path for path, m in self.model.named_modules() if id(m) in probes)
 
     @property
     def architecture(self) -> str:
@@ -87,8 +90,9 @@ class Replica:
                             on_log=on_log, on_progress=on_progress)
 
     def run_many(self, jobs: list[Job]) -> list[Results | Exception]:
-        outcomes = self.execute_many([job.payload for job in jobs],
-                                     check_cancelled=_stopper(jobs, self.limits.max_wall_seconds))
+        def stopper(indices: list[int]) -> Callable[[], None]:
+            return _stopper([jobs[i] for i in indices], self.limits.max_wall_seconds)
+        outcomes = self.execute_many([job.payload for job in jobs], stopper=stopper)
         return [CancelledError("the job was cancelled") if job.cancelled.is_set() else outcome
                 for job, outcome in zip(jobs, outcomes, strict=True)]
 
@@ -104,7 +108,7 @@ class Replica:
             log.warning("job %s runs alone: its inputs could not be measured (%s: %s)", job.id,
                         type(e).__name__, e)
             return None
-        return cobatch.batch_key(graph, lengths)
+        return cobatch.batch_key(graph, lengths, self.eager_modules)
 
     # -- graphs --------------------------------------------------------------------------------
 
@@ -114,38 +118,73 @@ class Replica:
         saved = self._run(graph, check_cancelled=check_cancelled, on_log=on_log, on_progress=on_progress)
         return self._results(graph, saved, time.perf_counter() - start)
 
-    def execute_many(self, graphs: list[Graph], *, check_cancelled: Any = None) -> list[Results | Exception]:
-        """Run compatible graphs in one forward pass; if that fails, each alone (so only the culprit fails)."""
-        start = time.perf_counter()
-        merged, offsets = cobatch.merge(graphs)
-        try:
-            saved = self._run(merged, check_cancelled=check_cancelled)
-        except Exception as e:
-            # Expected when one graph is at fault (it fails alone below); otherwise a co-batching bug.
-            log.warning("a shared pass of %d graphs failed (%s: %s); running each alone", len(graphs),
-                        type(e).__name__, e)
-            outcomes: list[Results | Exception] = []
-            for graph in graphs:
-                try:
-                    outcomes.append(self.execute(graph, check_cancelled=check_cancelled))
-                except Exception as error:
-                    outcomes.append(error)
-            return outcomes
-        seconds = time.perf_counter() - start
-        outcomes = []
-        for graph, part in zip(graphs, cobatch.split(saved, graphs, offsets), strict=True):
-            try:
-                outcomes.append(self._results(graph, part, seconds))
-            except Exception as e:
-                outcomes.append(e)
-        return outcomes
+    def execute_many(self, graphs: list[Graph], *,
+                     stopper: Callable[[list[int]], Callable[[], None]] | None = None) -> list[Results | Exception]:
+        """Run compatible graphs (equal batch keys) in one forward pass, each as if alone.
 
-    def _run(self, graph: Graph, **callbacks: Any) -> dict[int, Any]:
+        A graph that leaves the shared pass (cobatch.py says when), or all of them if the pass itself
+        fails, runs again alone, so only a culprit fails and every result equals its solo run.
+        `stopper(indices)`: the cancel / wall-time check of a pass of those graphs (a fresh deadline
+        for each pass, so a slow shared pass costs the others no time of their own).
+        """
+        def check(indices: list[int]) -> Callable[[], None] | None:
+            return stopper(indices) if stopper is not None else None
+        outcomes: list[Results | Exception | None] = [None] * len(graphs)
+        alone: dict[int, str] = {}
+        shared = self._shareable(graphs)
+        for index in set(range(len(graphs))) - set(shared):
+            alone[index] = "its rows would make the batch as long as the sequence"
+        if len(shared) > 1:
+            start = time.perf_counter()
+            group = [graphs[i] for i in shared]
+            merged, offsets = cobatch.merge(group)
+            isolation = cobatch.SharedPass(group, offsets)
+            try:
+                saved = self._run(merged, check_cancelled=check(shared), shared=isolation)
+            except Exception as e:
+                # Expected when one graph is at fault (it fails alone below); otherwise a co-batching bug.
+                log.warning("a shared pass of %d graphs failed (%s: %s); running each alone", len(group),
+                            type(e).__name__, e)
+                alone.update({i: "the shared pass failed" for i in shared})
+            else:
+                seconds = time.perf_counter() - start
+                for position, (graph, part) in enumerate(zip(group, cobatch.split(saved, group, offsets),
+                                                             strict=True)):
+                    if position in isolation.evicted:
+                        alone[shared[position]] = isolation.evicted[position]
+                        continue
+                    try:
+                        outcomes[shared[position]] = self._results(graph, part, seconds)
+                    except Exception as e:
+                        outcomes[shared[position]] = e
+        else:
+            alone.update({i: "no other graph to share a pass with" for i in shared})
+        for index in sorted(alone):
+            if alone[index] != "the shared pass failed":  # that one is logged above
+                log.info("graph %d of a shared pass runs again alone: %s", index, alone[index])
+            try:
+                outcomes[index] = self.execute(graphs[index], check_cancelled=check([index]))
+            except Exception as error:
+                outcomes[index] = error
+        return outcomes  # type: ignore[return-value]  # every index is filled above
+
+    def _shareable(self, graphs: list[Graph]) -> list[int]:
+        """The graphs that share a pass: all, less the last ones while the batch would be as long as
+        the sequence (values without a batch dimension, such as cache positions, are as long as the
+        sequence: the batch must not be, or they could not be told apart from per-row values)."""
+        counts = [sum(len(rows_of(self.tokenizer, v)) for v in g.segments[0].invokes) for g in graphs]
+        length = len(rows_of(self.tokenizer, graphs[0].segments[0].invokes[0])[0])
+        indices = list(range(len(graphs)))
+        while len(indices) > 1 and sum(counts[i] for i in indices) == length:
+            indices.pop()
+        return indices
+
+    def _run(self, graph: Graph, *, shared: cobatch.SharedPass | None = None, **callbacks: Any) -> dict[int, Any]:
         def batch_for(segment: Segment) -> Batch:
             return build_batch(self.model, self.tokenizer, segment.invokes, segment.mode)
         with self._lock:
             return Executor(self.model, graph, batch_for, max_tensor_bytes=self.limits.max_tensor_bytes,
-                            **callbacks).run()
+                            shared=shared, **callbacks).run()
 
     def _results(self, graph: Graph, saved: dict[int, Any], seconds: float) -> Results:
         results = _encode(graph, saved)
