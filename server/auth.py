@@ -1,4 +1,4 @@
-"""API keys for a shared server: who may call, which models they may use, and how often.
+"""API keys for a shared server: who may call, which models they may use, how often and how much at once.
 
 A `KeyStore` is an SQLite file of keys. A key is ``fsk_`` plus 32 random bytes (url-safe base64); it
 exists in clear only once, when `KeyStore.add` returns it. The store keeps its SHA-256 and a short
@@ -9,8 +9,8 @@ prefix, so operators can tell keys apart in `farscope keys list` without ever se
     user = keys.authenticate(key_from_metadata(context.invocation_metadata()))
     if not user.may_use(request.model): ...
     limiter.acquire(user)                     # a RateLimiter shared by all RPCs; LimitError when over
-    with streams.hold(("execute", user.name), limit=16, refusal="..."):   # an OpenStreams: how many at once
-        ...
+    with streams.hold(("watch", user.name), limit=16, refusal="too many Watch calls open"):
+        ...                                   # an OpenStreams: calls open at once; LimitError when over
 
 Clients send the key as gRPC metadata ``authorization: Bearer <key>`` (or ``x-api-key: <key>``).
 Nothing here imports grpc or torch: the CLI can manage keys without loading the server.

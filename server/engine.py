@@ -196,6 +196,7 @@ class Engine:
         self.schedulers[replica.name] = scheduler
         self.replicas[replica.name] = replica
         self.metrics.watch_queue(replica.name, lambda: scheduler.depth)
+        self.metrics.worker_up.labels(model=replica.name).set(0 if replica.name in self.down else 1)
 
     @property
     def busy(self) -> bool:
@@ -229,6 +230,7 @@ class Engine:
                 return
             (self._down.discard if healthy else self._down.add)(model)
             listeners = list(self._health_listeners)
+        self.metrics.worker_up.labels(model=model).set(1 if healthy else 0)
         if healthy:
             log.warning("model %s: its worker is back; serving", model, extra={"model": model})
         else:

@@ -125,11 +125,15 @@ def test_the_engine_hands_its_schedulers_a_health_callback(monkeypatch) -> None:
     engine.add(_Named("m"))  # type: ignore[arg-type]
     scheduler = _ReportingScheduler.made[-1]
     assert scheduler.on_health is not None
+    def worker_up() -> float | None:
+        return engine.metrics.registry.get_sample_value("farscope_worker_up", {"model": "m"})
+
+    assert worker_up() == 1
     scheduler.on_health(False)
     scheduler.on_health(False)  # no change: no news
-    assert not engine.healthy and engine.down == {"m"}
+    assert not engine.healthy and engine.down == {"m"} and worker_up() == 0
     scheduler.on_health(True)
-    assert engine.healthy and heard == [("m", False), ("m", True)]
+    assert engine.healthy and heard == [("m", False), ("m", True)] and worker_up() == 1
 
 
 def test_the_engine_serves_with_a_scheduler_that_reports_no_health(monkeypatch) -> None:
