@@ -183,9 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     limits = serve.add_argument_group("limits on calls (per API key, or for the one user with --no-auth)")
     # Defaults as engine.StreamLimits has them (not imported here: it would load torch for --help).
     limits.add_argument("--max-execute-streams", type=int, metavar="N",
-                        help="Execute/Submit calls a key may have open at once (default 16)")
+                        help="Execute/Submit calls a key may have open at once (default 16; never below "
+                             "the key's concurrent jobs)")
     limits.add_argument("--max-watch-streams", type=int, metavar="N",
-                        help="Watch calls a key may have open at once (default 16)")
+                        help="Watch calls a key may have open at once (default 64; never below the key's "
+                             "concurrent jobs)")
     limits.add_argument("--max-unauthenticated", type=int, metavar="N",
                         help="calls of all users together waiting for their key to be checked (default 64)")
     limits.add_argument("--message-seconds", type=float, metavar="S",

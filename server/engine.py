@@ -27,7 +27,10 @@ Stream limits (`StreamLimits`, defaults in brackets; `farscope serve` flags of t
 
 - ``max_execute_streams`` [16]: Execute and Submit calls open at once per key, from the first byte to
   the last result chunk. Above it: LimitError (RESOURCE_EXHAUSTED), retry after 1 s.
-- ``max_watch_streams`` [16]: Watch calls open at once per key.
+- ``max_watch_streams`` [64]: Watch calls open at once per key (a client watches each of its
+  non-blocking jobs).
+  A key's caps are never below its concurrent-job quota (`User.max_concurrent`): a client with a
+  call or a watch on each job it may have is never refused.
 - ``max_unauthenticated`` [64]: calls of all users together whose key is still being checked.
 - ``message_seconds`` [30]: the longest wait for an Execute/Submit header, and for each graph chunk
   after it. ``request_seconds`` [300]: for the whole request body. Past either, the call ends with
@@ -89,7 +92,7 @@ class StreamLimits:
     """How many calls may be open at once and how slowly a request may arrive (module docstring)."""
 
     max_execute_streams: int = 16
-    max_watch_streams: int = 16
+    max_watch_streams: int = 64
     max_unauthenticated: int = 64
     message_seconds: float = 30.0
     request_seconds: float = 300.0
@@ -266,9 +269,12 @@ class Engine:
     @contextmanager
     def stream(self, user: User | None, kind: StreamKind) -> Iterator[None]:
         """Count one more open `kind` call of `user`'s key for the `with` block, or LimitError when the
-        key has its cap (`max_execute_streams` / `max_watch_streams`) open already."""
+        key has its cap open already: `max_execute_streams` / `max_watch_streams`, or the key's
+        concurrent-job quota where that is larger."""
         limit = (self.stream_limits.max_execute_streams if kind == "execute"
                  else self.stream_limits.max_watch_streams)
+        if user is not None:
+            limit = max(limit, user.max_concurrent)
         who = _user_name(user)
         calls = "Execute/Submit" if kind == "execute" else "Watch"
         refusal = (f"{'API key ' + repr(who) if who else 'this client'} has {limit} {calls} calls open "

@@ -13,6 +13,7 @@ Streams are opened with a grpc.aio client, so the test holds them open without t
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -87,7 +88,9 @@ def _serve(tiny_spec, limits: StreamLimits, keys: KeyStore | None, users: dict[s
     replica = Replica(load_model(tiny_spec("llama", name=MODEL)))
     gate = Gate()
     handle = replica.model.register_forward_pre_hook(gate)
-    issued = {user: keys.add(user, rate_per_minute=rate) for user, rate in users.items()} if keys else {}
+    # One concurrent job per key: a key's stream caps are never below its job quota.
+    issued = ({user: keys.add(user, rate_per_minute=rate, max_concurrent=1) for user, rate in users.items()}
+              if keys else {})
     server = start_server({MODEL: replica}, keys=keys, stream_limits=limits, blocking_threads=1)
     try:
         yield Served(server, issued, gate)
@@ -363,6 +366,25 @@ def test_the_rate_is_charged_before_anything_is_read(capped) -> None:
     assert "rate limit exceeded for 'thrifty'" in refused.details()
 
 
+def test_a_keys_caps_are_never_below_its_job_quota() -> None:
+    """A client watches each of its non-blocking jobs: a key allowed 5 jobs may watch 5 at once."""
+    from contextlib import ExitStack
+
+    from farscope.interventions.errors import LimitError
+    from farscope.server.auth import User
+    from farscope.server.engine import Engine
+
+    engine = Engine(stream_limits=StreamLimits(max_execute_streams=2, max_watch_streams=2))
+    for user, cap in ((User("big", max_concurrent=5), 5), (User("small", max_concurrent=1), 2), (None, 2)):
+        for kind in ("execute", "watch"):
+            with ExitStack() as held:
+                for _ in range(cap):
+                    held.enter_context(engine.stream(user, kind))
+                with pytest.raises(LimitError, match=f"has {cap} "):
+                    held.enter_context(engine.stream(user, kind))
+            assert engine.streams.count((kind, user.name if user else "")) == 0
+
+
 def test_stream_limits_must_be_positive() -> None:
     for field in ("max_execute_streams", "max_watch_streams", "max_unauthenticated", "message_seconds",
                   "request_seconds"):
@@ -386,4 +408,5 @@ def test_the_cli_states_the_engines_defaults(capsys) -> None:
                         ("--request-seconds", defaults.request_seconds),
                         ("--upload-bytes", DEFAULT_UPLOAD_BYTES)):
         help_text = text.split(f"{flag} ")[-1].split(" --", 1)[0]  # its entry, after the usage line
-        assert f"(default {value:g}" in help_text or f"(default {value}:" in help_text, (flag, help_text)
+        shown = str(value) if isinstance(value, int) else f"{value:g}"
+        assert re.search(rf"\(default {shown}[;:)]", help_text), (flag, help_text)
