@@ -1,4 +1,4 @@
-"""API keys for a shared server: who may call, which models they may use, and how often.
+"""API keys for a shared server: who may call, which models they may use, how often and how much at once.
 
 A `KeyStore` is an SQLite file of keys. A key is ``fsk_`` plus 32 random bytes (url-safe base64); it
 exists in clear only once, when `KeyStore.add` returns it. The store keeps its SHA-256 and a short
@@ -9,6 +9,8 @@ prefix, so operators can tell keys apart in `farscope keys list` without ever se
     user = keys.authenticate(key_from_metadata(context.invocation_metadata()))
     if not user.may_use(request.model): ...
     limiter.acquire(user)                     # a RateLimiter shared by all RPCs; LimitError when over
+    with streams.hold(("watch", user.name), limit=16, refusal="too many Watch calls open"):
+        ...                                   # an OpenStreams: calls open at once; LimitError when over
 
 Clients send the key as gRPC metadata ``authorization: Bearer <key>`` (or ``x-api-key: <key>``).
 Nothing here imports grpc or torch: the CLI can manage keys without loading the server.
@@ -25,7 +27,9 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from os import PathLike
@@ -33,7 +37,7 @@ from pathlib import Path
 
 from farscope.interventions.errors import AuthError, LimitError
 
-__all__ = ["KEY_PREFIX", "KeyInfo", "KeyStore", "RateLimiter", "User", "key_from_metadata"]
+__all__ = ["KEY_PREFIX", "KeyInfo", "KeyStore", "OpenStreams", "RateLimiter", "User", "key_from_metadata"]
 
 KEY_PREFIX = "fsk_"
 # Characters of a key shown by `farscope keys list`: "fsk_" + 8 of its 43 random characters. That
@@ -292,6 +296,39 @@ class RateLimiter:
         )
         error.retry_after = retry_after  # type: ignore[attr-defined]
         raise error
+
+
+class OpenStreams:
+    """How many calls of each kind are open at once, per key (or for everyone): each count bounded.
+
+    `hold(slot, limit=...)` counts one more open call of `slot` (e.g. ``("watch", "alice")``) for the
+    `with` block, or raises LimitError (`retry_after` set) when `limit` are open already. Thread-safe;
+    a count that drops to zero leaves no entry behind.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: Counter[Hashable] = Counter()
+
+    @contextmanager
+    def hold(self, slot: Hashable, *, limit: int, refusal: str, retry_after: float = 1.0) -> Iterator[None]:
+        with self._lock:
+            if self._open[slot] >= limit:
+                error = LimitError(refusal)
+                error.retry_after = retry_after  # type: ignore[attr-defined]
+                raise error
+            self._open[slot] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._open[slot] -= 1
+                if self._open[slot] <= 0:
+                    del self._open[slot]
+
+    def count(self, slot: Hashable) -> int:
+        with self._lock:
+            return self._open.get(slot, 0)
 
 
 def key_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:

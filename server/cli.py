@@ -19,12 +19,15 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
+_STREAM_LIMITS = ("max_execute_streams", "max_watch_streams", "max_unauthenticated", "message_seconds",
+                  "request_seconds")
 _DB_HELP = "API key database (default: $FARSCOPE_DB, else ~/.local/share/farscope/keys.db)"
 
 
 def _serve(args: argparse.Namespace) -> int:
     # Heavy imports here, so `farscope --help` stays fast.
     from .config import DEFAULT_MODEL, load_models_file
+    from .engine import DEFAULT_UPLOAD_BYTES, StreamLimits
     from .loading import load_model
     from .replica import Replica
     from .service import start_server
@@ -59,9 +62,17 @@ def _serve(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.torch_threads)
+    given = {name: getattr(args, name) for name in _STREAM_LIMITS if getattr(args, name) is not None}
+    try:
+        limits = StreamLimits(**given)  # the defaults for what is not given
+    except ValueError as e:
+        print(f"farscope: {e}", file=sys.stderr)
+        return 2
     # Bind first (health says NOT_SERVING), load, then report SERVING.
     server = start_server({}, host=host, port=args.port, serving=False, keys=keys, tls=tls,
-                          metrics_port=args.metrics_port, job_ttl=args.job_ttl, cobatch=not args.no_cobatch)
+                          metrics_port=args.metrics_port, job_ttl=args.job_ttl, cobatch=not args.no_cobatch,
+                          stream_limits=limits, upload_bytes=args.upload_bytes or DEFAULT_UPLOAD_BYTES,
+                          upload_bytes_per_user=args.upload_bytes_per_user)
     if server.metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", host, server.metrics_port)
     log.info("listening on %s:%d; loading %s", host, server.port, ", ".join(s.name for s in specs))
@@ -169,6 +180,26 @@ def main(argv: list[str] | None = None) -> int:
                             "much faster: the request decoding threads need the cores too")
     serve.add_argument("--no-cobatch", action="store_true",
                        help="run every request in its own forward pass (default: share compatible ones)")
+    limits = serve.add_argument_group("limits on calls (per API key, or for the one user with --no-auth)")
+    # Defaults as engine.StreamLimits has them (not imported here: it would load torch for --help).
+    limits.add_argument("--max-execute-streams", type=int, metavar="N",
+                        help="Execute/Submit calls a key may have open at once (default 16; never below "
+                             "the key's concurrent jobs)")
+    limits.add_argument("--max-watch-streams", type=int, metavar="N",
+                        help="Watch calls a key may have open at once (default 64; never below the key's "
+                             "concurrent jobs)")
+    limits.add_argument("--max-unauthenticated", type=int, metavar="N",
+                        help="calls of all users together waiting for their key to be checked (default 64)")
+    limits.add_argument("--message-seconds", type=float, metavar="S",
+                        help="a request's header, and each chunk after it, must arrive within S seconds "
+                             "(default 30); else the call ends DEADLINE_EXCEEDED")
+    limits.add_argument("--request-seconds", type=float, metavar="S",
+                        help="a whole request must arrive within S seconds (default 300)")
+    limits.add_argument("--upload-bytes", type=int, metavar="N",
+                        help="uploaded tensors kept, all users together (default 1073741824: 1 GiB)")
+    limits.add_argument("--upload-bytes-per-user", type=int, default=None, metavar="N",
+                        help="uploaded tensors kept per user (default: --upload-bytes); each user sees only "
+                             "their own uploads")
     serve.add_argument("--db", metavar="PATH", help=_DB_HELP)
     serve.add_argument("--no-auth", action="store_true",
                        help="accept calls without an API key (binds 127.0.0.1 unless --host is given)")

@@ -1,4 +1,5 @@
-"""Operator metrics in Prometheus' format: queue depth, job latency, bytes in/out, errors by code.
+"""Operator metrics in Prometheus' format: queue depth, job latency, bytes in/out, errors by code,
+whether each model's worker is up.
 
 Each server has its own registry (several servers in one process, as in tests, never clash);
 `serve_http(port)` exposes it, with the process collector's memory and CPU figures.
@@ -33,6 +34,8 @@ class Metrics:
         self.bytes_out = Counter("farscope_bytes_out", "Result bytes sent", registry=self.registry)
         self.queue_depth = Gauge("farscope_queue_depth", "Jobs waiting, by model", ["model"],
                                  registry=self.registry)
+        self.worker_up = Gauge("farscope_worker_up", "1 while the model's worker thread is up, else 0",
+                               ["model"], registry=self.registry)
 
     def record_job(self, model: str, outcome: str, seconds: float, run_seconds: float | None) -> None:
         """One finished job: its outcome ("done" or the error's class), its time from submission to the

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -26,7 +27,7 @@ from .inputs import build_batch, rows_of
 from .jobs import Event, Job
 from .loading import LoadedModel
 
-__all__ = ["Replica", "Results"]
+__all__ = ["Replica", "Results", "public_config"]
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ class Replica:
         return str(next(self.model.parameters()).dtype).removeprefix("torch.")
 
     def config_json(self) -> str:
-        return json.dumps(self.model.config.to_dict(), default=str, sort_keys=True)
+        """The model's config as JSON, as clients see it: no server paths (see `public_config`)."""
+        return json.dumps(public_config(self.model.config.to_dict(), self.name), default=str, sort_keys=True)
 
     # -- jobs (what the scheduler's worker calls) ------------------------------------------------
 
@@ -193,6 +195,27 @@ class Replica:
                              f"{self.limits.max_saved_bytes}")
         results.run_seconds = seconds
         return results
+
+
+# Values that name a place on the server's disk: absolute POSIX or Windows paths, home-relative ones
+# and file URLs. (A hub id such as "org/model" is public and stays, except as `_name_or_path`.)
+_SERVER_PATH = re.compile(r"(?:/|~|\\\\|[A-Za-z]:[\\/]|file:)")
+
+
+def public_config(config: Any, name: str) -> Any:
+    """A model config (a `to_dict()`), with every value that could show the server's filesystem (the
+    `_name_or_path` of the config and of any nested config, any path-like string) replaced by the
+    model's served `name`. Nested dicts and lists are walked."""
+    def clean(key: str, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(str(k), v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(key, v) for v in value]
+        if isinstance(value, str) and (key.endswith("name_or_path") or _SERVER_PATH.match(value)):
+            return name
+        return value
+
+    return clean("", config)
 
 
 def _stopper(jobs: list[Job], limit: float) -> Callable[[], None]:

@@ -4,6 +4,18 @@ The servicer holds no state of its own: the engine (engine.py) does everything e
 thread while it waits: watching a job is an asyncio wait woken by the replica's worker thread; model
 work runs on those worker threads; decode + validate and key lookups run on a small pool of their own.
 
+No user can hold the server (the engine's `StreamLimits`, defaults there): a call counts as
+unauthenticated while its key is checked (`max_unauthenticated` of those, all users together); an
+Execute or Submit call then takes one of its key's `max_execute_streams` slots and one call of the
+key's rate before reading any message, and must send its header, and each graph chunk after it, within
+`message_seconds` (the whole body within `request_seconds`), else it ends DEADLINE_EXCEEDED; a Watch
+takes one of `max_watch_streams`. Over a cap: RESOURCE_EXHAUSTED, retry after 1 s.
+
+Health (grpc.health.v1): "" and "farscope.v1.Farscope" are SERVING once the models are loaded
+(`set_serving`) and while every model's worker is up; "farscope.v1.Farscope/<model>" says the same of
+one model. A worker that goes down turns its model and the overall status NOT_SERVING until it is back.
+The health service shares nothing with users' calls (no pool, no cap), so it answers whatever they do.
+
 `start_server()` wires the aio server, the servicer, health and the port, on a background thread with
 its own event loop, so that sync callers (the CLI, tests) hold a plain `Server` handle.
 """
@@ -11,19 +23,21 @@ its own event loop, so that sync callers (the CLI, tests) hold a plain `Server` 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from farscope.interventions.codec import CHUNK_BYTES, MAX_MESSAGE_BYTES
-from farscope.interventions.errors import FarscopeError, ValidationError, status_of
+from farscope.interventions.errors import FarscopeError, LimitError, ValidationError, status_of
 from farscope.proto import farscope_pb2 as pb
 from farscope.proto import farscope_pb2_grpc as pb_grpc
 
@@ -35,6 +49,8 @@ from .engine import (
     Engine,
     Header,
     ModelSummary,
+    StreamKind,
+    StreamLimits,
 )
 from .jobs import DEFAULT_JOB_TTL, Event, Job
 from .replica import Replica, Results
@@ -42,7 +58,7 @@ from .replica import Replica, Results
 if TYPE_CHECKING:
     from .auth import KeyStore, User
 
-__all__ = ["FarscopeServicer", "Server", "start_server", "SERVICE_NAME"]
+__all__ = ["FarscopeServicer", "Server", "start_server", "SERVICE_NAME", "model_health_name"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +71,11 @@ _MAX_DETAILS = 6000
 # Requests up to this size are decoded and validated on the event loop: well under a millisecond, less
 # than the hop to the pool and back. Larger ones go to the pool so that the loop keeps serving.
 _INLINE_BYTES = 16 * 1024
+
+
+def model_health_name(model: str) -> str:
+    """The health service name that reports one model: ``farscope.v1.Farscope/<model>``."""
+    return f"{SERVICE_NAME}/{model}"
 
 
 def _bounded(message: str) -> str:
@@ -100,26 +121,32 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
 
     async def Execute(self, request_iterator: AsyncIterator[pb.ExecuteRequest],
                       context: Any) -> AsyncIterator[pb.ExecuteEvent]:
-        job = await self._submit(request_iterator, context, "Execute")
-        try:
-            async for message in self._watch(job, context):
-                yield message
-            async for message in self._fetch(job, context):
-                yield message
-        finally:  # a client gone while its job waits cancels it; once running, the job finishes
-            self.engine.abandon(job)
+        user = await self._user(context, "Execute")
+        async with self._stream(context, user, "execute"):
+            job = await self._submit(request_iterator, context, user)
+            try:
+                async for message in self._watch(job, context):
+                    yield message
+                async for message in self._fetch(job, context):
+                    yield message
+            finally:  # a client gone while its job waits cancels it; once running, the job finishes
+                self.engine.abandon(job)
 
     async def Submit(self, request_iterator: AsyncIterator[pb.ExecuteRequest], context: Any) -> pb.Queued:
-        job = await self._submit(request_iterator, context, "Submit")
+        user = await self._user(context, "Submit")
+        async with self._stream(context, user, "execute"):
+            job = await self._submit(request_iterator, context, user)
         return pb.Queued(job_id=job.id, position=job.position)
 
     async def Watch(self, request: pb.JobRequest, context: Any) -> AsyncIterator[pb.ExecuteEvent]:
-        job = await self._job(request.job_id, context, "Watch")
-        async for message in self._watch(job, context):
-            yield message
+        user = await self._user(context, "Watch")
+        async with self._stream(context, user, "watch"):
+            job = await self._job(request.job_id, context, user)
+            async for message in self._watch(job, context):
+                yield message
 
     async def Fetch(self, request: pb.JobRequest, context: Any) -> AsyncIterator[pb.ExecuteEvent]:
-        job = await self._job(request.job_id, context, "Fetch")
+        job = await self._job(request.job_id, context, await self._user(context, "Fetch"))
         if job.finished is None:
             await self._abort(context, FarscopeError(f"job {job.id} has not finished; Watch it first",
                                                      job_id=job.id), code=grpc.StatusCode.FAILED_PRECONDITION)
@@ -127,7 +154,7 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
             yield message
 
     async def Cancel(self, request: pb.JobRequest, context: Any) -> pb.JobState:
-        job = await self._job(request.job_id, context, "Cancel")
+        job = await self._job(request.job_id, context, await self._user(context, "Cancel"))
         self.engine.cancel(job)
         return pb.JobState(job_id=job.id, state=job.state)
 
@@ -159,27 +186,47 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
         raise AssertionError("context.abort returned")  # it raises; this line tells type checkers so
 
     async def _user(self, context: Any, rpc: str) -> User | None:
-        """The caller (None with auth off); aborts UNAUTHENTICATED for a missing or unknown key."""
+        """The caller (None with auth off); aborts UNAUTHENTICATED for a missing or unknown key, and
+        RESOURCE_EXHAUSTED when too many calls wait for their keys to be checked."""
         self.engine.metrics.requests.labels(rpc=rpc).inc()
         if self.engine.keys is None:
             return None
         key = key_from_metadata(context.invocation_metadata())
         try:
-            return await self._blocking(self.engine.authenticate, key)
+            if not key:  # refused at once (KeyStore raises before its database): no pool, no slot
+                return self.engine.authenticate(key)
+            with self.engine.authenticating():
+                return await self._blocking(self.engine.authenticate, key)
         except FarscopeError as e:
             await self._abort(context, e)
 
-    async def _job(self, job_id: str, context: Any, rpc: str) -> Job:
-        job = self.engine.job(job_id, await self._user(context, rpc))
+    @asynccontextmanager
+    async def _stream(self, context: Any, user: User | None, kind: StreamKind) -> AsyncIterator[None]:
+        """Hold one of the key's `kind` stream slots for the block; aborts RESOURCE_EXHAUSTED when the
+        key has them all open."""
+        with contextlib.ExitStack() as slot:
+            try:
+                slot.enter_context(self.engine.stream(user, kind))
+            except FarscopeError as e:
+                log.info("call refused: %s", e.message, extra={"user": user.name if user else ""})
+                await self._abort(context, e)
+            yield
+
+    async def _job(self, job_id: str, context: Any, user: User | None) -> Job:
+        job = self.engine.job(job_id, user)
         if job is None:
             await self._abort(context, FarscopeError(f"no job {_quote(job_id)} here: unknown, or its results "
                                                      "expired"), code=grpc.StatusCode.NOT_FOUND)
         return job
 
-    async def _submit(self, request_iterator: AsyncIterator[pb.ExecuteRequest], context: Any, rpc: str) -> Job:
-        user = await self._user(context, rpc)
+    async def _submit(self, request_iterator: AsyncIterator[pb.ExecuteRequest], context: Any,
+                      user: User | None) -> Job:
         try:
+            self.engine.charge(user)  # before the first read: a call that sends nothing still pays
             return await self._receive(request_iterator, user)
+        except TimeoutError as e:  # the client sent too slowly, or nothing: a LimitError, by deadline
+            log.info("request cut off: %s", e, extra={"user": user.name if user else ""})
+            await self._abort(context, LimitError(str(e)), code=grpc.StatusCode.DEADLINE_EXCEEDED)
         except FarscopeError as e:
             log.info("request rejected: %s", e.message, extra={"user": user.name if user else ""})
             await self._abort(context, e)
@@ -189,8 +236,9 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
                                                      f"{type(e).__name__}"))
 
     async def _receive(self, request_iterator: AsyncIterator[pb.ExecuteRequest], user: User | None) -> Job:
-        """Read a request as it arrives: the header is checked first, the body's size at every chunk."""
-        requests = aiter(request_iterator)
+        """Read a request as it arrives: the header is checked first, the body's size at every chunk;
+        TimeoutError when a message, or the whole request, is slower than the engine's StreamLimits."""
+        requests = _paced(aiter(request_iterator), self.engine.stream_limits)
         first = await anext(requests, None)
         if first is None or first.WhichOneof("part") != "header":
             raise ValidationError("an Execute call must start with a RequestHeader")
@@ -222,6 +270,29 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
         for message in _result_messages(results):
             yield message
         yield pb.ExecuteEvent(done=pb.Done(job_id=job.id, run_seconds=results.run_seconds))
+
+
+async def _paced(requests: AsyncIterator[T], limits: StreamLimits) -> AsyncIterator[T]:
+    """`requests`, each message due within `message_seconds` of the previous one (or of the call's
+    start) and all within `request_seconds`; TimeoutError, saying which, when one is late."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limits.request_seconds
+    what = "RequestHeader"
+    while True:
+        wait = min(limits.message_seconds, deadline - loop.time())
+        try:
+            async with asyncio.timeout(max(wait, 0.0)):
+                message = await anext(requests, None)
+        except TimeoutError:
+            if wait < limits.message_seconds:
+                raise TimeoutError(f"the request did not arrive within {limits.request_seconds:g} s; "
+                                   "the call is closed") from None
+            raise TimeoutError(f"no {what} arrived within {limits.message_seconds:g} s; the call is closed"
+                               ) from None
+        if message is None:
+            return
+        yield message
+        what = "graph chunk"
 
 
 def _quote(text: str) -> str:
@@ -271,14 +342,38 @@ class Server:
         self._blocking = blocking
         self._grpc = grpc_server
         self._health = health_servicer
+        self._health_lock = asyncio.Lock()  # one refresh at a time, so the last one's reading wins
+        self._ready = False
         self._stopped = False
+        engine.watch_health(self._on_worker_health)
 
     def add(self, replica: Replica) -> None:
         self.engine.add(replica)
+        self._on_loop(self._refresh_health())
 
     def set_serving(self) -> None:
-        """Report SERVING on the gRPC health service: readiness means the models are loaded."""
-        self._on_loop(_set_health(self._health, health_pb2.HealthCheckResponse.SERVING))
+        """Report SERVING on the gRPC health service: readiness means the models are loaded (and their
+        workers up: a worker down turns it NOT_SERVING until it is back)."""
+        self._ready = True
+        self._on_loop(self._refresh_health())
+
+    def _on_worker_health(self, model: str, healthy: bool) -> None:
+        """The engine's health listener: runs on a worker thread, so it only hands over to the loop."""
+        try:
+            asyncio.run_coroutine_threadsafe(self._refresh_health(), self._loop)
+        except RuntimeError:  # the loop is closed: the server is gone
+            pass
+
+    async def _refresh_health(self) -> None:
+        """Set every health entry from the engine's state now: overall and per model."""
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        async with self._health_lock:
+            down = self.engine.down
+            overall = serving if self._ready and not down else not_serving
+            await _set_health(self._health, overall)
+            for model in list(self.engine.replicas):
+                await self._health.set(model_health_name(model),
+                                       serving if self._ready and model not in down else not_serving)
 
     def stop(self, grace: float | None = 5.0) -> None:
         """Drain and stop: NOT_SERVING at once, no new jobs, queued jobs failed clearly, running jobs
@@ -335,16 +430,20 @@ async def _start_grpc(engine: Engine, blocking: ThreadPoolExecutor, address: str
 
 
 def start_server(replicas: dict[str, Replica], *, host: str = "127.0.0.1", port: int = 0, serving: bool = True,
-                 upload_bytes: int = DEFAULT_UPLOAD_BYTES, keys: KeyStore | None = None,
-                 job_ttl: float = DEFAULT_JOB_TTL, metrics_port: int | None = None,
-                 tls: tuple[bytes, bytes] | None = None, cobatch: bool = True, blocking_threads: int = 4) -> Server:
+                 upload_bytes: int = DEFAULT_UPLOAD_BYTES, upload_bytes_per_user: int | None = None,
+                 keys: KeyStore | None = None, job_ttl: float = DEFAULT_JOB_TTL, metrics_port: int | None = None,
+                 tls: tuple[bytes, bytes] | None = None, cobatch: bool = True, blocking_threads: int = 4,
+                 stream_limits: StreamLimits | None = None) -> Server:
     """Start serving `replicas` on host:port (0 picks a free port).
 
     With `serving=False` the health service says NOT_SERVING until `set_serving()`: a server can bind
     its port at once and tell load balancers it is ready only after its models are loaded.
-    `blocking_threads` bounds the pool that decodes and validates requests and looks keys up.
+    `blocking_threads` bounds the pool that decodes and validates requests and looks keys up;
+    `stream_limits` bounds open calls and slow senders (engine.StreamLimits; its defaults when None);
+    `upload_bytes` bounds all users' uploads together, `upload_bytes_per_user` each user's.
     """
-    engine = Engine(replicas, keys=keys, upload_bytes=upload_bytes, job_ttl=job_ttl, cobatch=cobatch)
+    engine = Engine(replicas, keys=keys, upload_bytes=upload_bytes, upload_bytes_per_user=upload_bytes_per_user,
+                    job_ttl=job_ttl, cobatch=cobatch, stream_limits=stream_limits)
     blocking = ThreadPoolExecutor(max_workers=blocking_threads, thread_name_prefix="farscope-decode")
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=_run_loop, args=(loop,), name="farscope-rpc", daemon=True)
@@ -363,4 +462,6 @@ def start_server(replicas: dict[str, Replica], *, host: str = "127.0.0.1", port:
         running.metrics_port = engine.metrics.serve_http(metrics_port, host)
     if serving:
         running.set_serving()
+    else:
+        running._on_loop(running._refresh_health())  # each model's entry, NOT_SERVING until ready
     return running

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import farscope
-from farscope.interventions.uploads import UploadStore, digest
+from farscope.interventions.uploads import UploadPool, UploadStore, digest
 from farscope.server.loading import load_model
 from farscope.server.replica import Replica
 from farscope.server.service import start_server
@@ -88,3 +88,38 @@ def test_the_store_is_bounded_and_content_addressed():
     copy = store.get("other")
     copy += 1
     assert torch.equal(store.get("other"), torch.zeros(10))
+
+
+def test_each_user_sees_only_their_own_uploads():
+    pool = UploadPool(max_bytes=1000)
+    alice, bob = pool.store("alice"), pool.store("bob")
+    alice.put("k", torch.ones(10))
+    assert "k" in alice and "k" not in bob and len(bob) == 0
+    with pytest.raises(farscope.UploadMissingError) as probe:
+        bob.get("k")
+    with pytest.raises(farscope.UploadMissingError) as never_sent:
+        bob.get("k")  # the same digest; now compare with one nobody sent at all
+    with pytest.raises(farscope.UploadMissingError) as nobody:
+        pool.store("carol").get("k")
+    assert str(probe.value) == str(never_sent.value) == str(nobody.value)
+    bob.put("k", torch.zeros(10))  # bob's own tensor under the same digest: his copy, not alice's
+    assert torch.equal(alice.get("k"), torch.ones(10)) and torch.equal(bob.get("k"), torch.zeros(10))
+    assert alice.nbytes == bob.nbytes == 40 and pool.nbytes == 80 and len(pool) == 2
+
+
+def test_the_pool_bounds_each_user_and_all_users_together():
+    pool = UploadPool(max_bytes=200, max_bytes_per_user=100)
+    alice, bob = pool.store("alice"), pool.store("bob")
+    for key in ("a1", "a2", "a3"):  # 40 bytes each: alice's third evicts her own first, not bob's
+        alice.put(key, torch.zeros(10))
+    assert "a1" not in alice and "a2" in alice and alice.nbytes == 80
+    bob.put("b1", torch.zeros(10))
+    bob.put("b2", torch.zeros(10))
+    assert pool.nbytes == 160
+    alice.get("a2")  # alice's a2 is now the most recently used of all
+    pool.store("carol").put("c1", torch.zeros(20))  # 80 more: 240 > 200, the least recently used (a3) goes
+    assert pool.nbytes == 200
+    assert "a3" not in alice and "a2" in alice and "b1" in bob and "b2" in bob
+    assert {user: pool.nbytes_of(user) for user in ("alice", "bob", "carol")} == {"alice": 40, "bob": 80, "carol": 80}
+    pool.store("dave").put("too-big", torch.zeros(30))  # 120 bytes: over the per-user bound, never kept
+    assert "too-big" not in pool.store("dave") and pool.nbytes_of("dave") == 0

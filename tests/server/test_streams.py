@@ -27,6 +27,7 @@ from farscope.interventions.graph import IR_VERSION, Graph, HookPoint, Ref, to_d
 from farscope.proto import farscope_pb2 as pb
 from farscope.proto import farscope_pb2_grpc as pb_grpc
 from farscope.server.auth import KeyStore
+from farscope.server.engine import StreamLimits
 from farscope.server.loading import load_model
 from farscope.server.replica import Replica
 from farscope.server.service import SERVICE_NAME, Server, start_server
@@ -87,7 +88,10 @@ def served(tiny_spec, tmp_path_factory) -> Iterator[Served]:
     fast = Replica(load_model(tiny_spec("llama", name=FAST)))
     gate = Gate()
     handle = slow.model.register_forward_pre_hook(gate)
-    server = start_server({SLOW: slow, FAST: fast}, host="127.0.0.1", port=0, keys=store)
+    # Caps well above STREAMS (the clients add streams of their own): this module measures what many
+    # open streams cost; the caps themselves are tested in test_stream_limits.py.
+    limits = StreamLimits(max_execute_streams=2 * STREAMS, max_watch_streams=2 * STREAMS)
+    server = start_server({SLOW: slow, FAST: fast}, host="127.0.0.1", port=0, keys=store, stream_limits=limits)
     try:
         yield Served(server, gate, keys)
     finally:
