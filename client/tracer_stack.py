@@ -46,6 +46,10 @@ class OpenTracer(Protocol):
 
     def save(self, proxy: Any) -> None: ...
 
+    def keep(self, container: Any) -> None: ...
+
+    def next(self, step: int = 1) -> Any: ...
+
 
 class _OpenContexts(threading.local):
     """Each thread's open tracers and sessions: two threads tracing one model never mix graphs."""
