@@ -125,3 +125,61 @@ def test_missing_nnsight_features_say_so_and_name_the_alternative() -> None:
         _ = root.lm_head.source
     with pytest.raises(AttributeError, match="no submodule 'nope'"):
         _ = root.nope
+
+
+class _Runner:
+    """Takes the request a trace hands over on exit, runs nothing."""
+
+    def __init__(self) -> None:
+        self.requests: list[Any] = []
+
+    def execute(self, request: Any) -> None:
+        self.requests.append(request)
+
+
+def _hooks(graph: Graph) -> list[tuple[str, str, int]]:
+    """(op, module, call) of every hook node, in recording order."""
+    return [(n.op, n.args[0].module, n.kwargs.get("call", 0)) for n in graph.nodes
+            if n.op in ("read", "write")]
+
+
+def test_the_with_form_of_tracer_iter_records_its_body_for_every_step() -> None:
+    from farscope.client.tracing import Tracer
+
+    runner = _Runner()
+    with Tracer(object(), "hi", mode="generate", options={"max_new_tokens": 3}, runner=runner) as tracer:
+        tokens = farscope.list()
+        with tracer.iter[1:]:
+            tracer.hook("write", "model.layers.0", "output", 0)
+            tokens.append(tracer.hook("read", "lm_head", "output").argmax(dim=-1))
+    graph = runner.requests[0].graph
+    assert _hooks(graph) == [("write", "model.layers.0", 1), ("read", "lm_head", 1),
+                             ("write", "model.layers.0", 2), ("read", "lm_head", 2)]
+    assert len(tokens) == 2  # one appended item per step, each saved when the trace ended
+    argmaxes = [n.id for n in graph.nodes if n.op == "Tensor.argmax"]
+    assert [n.args[0].id for n in graph.nodes if n.op == "save"] == argmaxes
+    with pytest.raises(TraceError, match="outside this generation"):
+        with Tracer(object(), "hi", mode="generate", options={"max_new_tokens": 2}, runner=runner) as tracer:
+            with tracer.iter[5]:
+                pass
+
+
+def test_edits_are_recorded_into_every_invoke_of_later_traces() -> None:
+    from farscope.client.model import Edit
+    from farscope.client.tracing import Tracer
+
+    runner = _Runner()
+    with Tracer(object(), "", runner=runner) as recorder:
+        recorder.hook("write", "model.layers.1", "output", recorder.hook("read", "model.layers.0", "output") * 0)
+    edit = Edit(list(recorder.graph.nodes))
+    with Tracer(object(), None, runner=runner, edits=[edit]) as tracer:
+        with tracer.invoke("a"):
+            pass
+        with tracer.invoke("b"):
+            tracer.hook("read", "lm_head", "output").save()
+    graph = runner.requests[-1].graph
+    writes = [n for n in graph.nodes if n.op == "write"]
+    assert [w.kwargs["invoke"] for w in writes] == [0, 1]
+    for write in writes:  # each write takes the value computed from its own invoke's read
+        product = graph.nodes[write.args[1].id]
+        assert graph.nodes[product.args[0].id].kwargs["invoke"] == write.kwargs["invoke"]
