@@ -59,7 +59,7 @@ class Proxy:
         """Send this value back when the trace runs. Returns a `SavedTensor` that records like this
         proxy inside the trace and is the value itself after it (saving twice returns the same one)."""
         if self._saved is None:
-            self._tracer.save(self)
+            (_recorder(self) or self._tracer).save(self)
             object.__setattr__(self, "_saved", SavedTensor(self))
         return self._saved
 
@@ -394,7 +394,8 @@ def to_argument(value: Any, tracer: OpenTracer) -> Any:
 
 def _recorder(proxy: Proxy) -> OpenTracer | None:
     """The open trace that records what is done to `proxy`: its own, or, for a value of an earlier
-    trace of a session, the session's trace open now (values flow between a session's traces)."""
+    trace of a session, the session's trace open now (values flow between a session's traces), or,
+    between two traces of a session, the one that ended last."""
     tracer = proxy.tracer
     if tracer.is_open:
         return tracer
@@ -402,7 +403,9 @@ def _recorder(proxy: Proxy) -> OpenTracer | None:
     if session is None or not session.is_open:
         return None
     current = innermost_tracer()
-    return current if current is not None and current.session is session else None
+    if current is not None:
+        return current if current.session is session else None
+    return session.between  # between two traces of the session: session-level nodes
 
 
 def _open_tracer(value: Any) -> OpenTracer | None:

@@ -31,6 +31,7 @@ class OpenSession(Protocol):
 
     model: Any
     is_open: bool
+    between: Any  # the ended trace recording what is done between traces (an OpenTracer), or None
 
 
 class OpenTracer(Protocol):

@@ -53,6 +53,9 @@ class Session:
         self.model = model
         self.request = Request()
         self.containers: list[SavedList | SavedDict] = []  # farscope.list()/dict()/save([...]) of its traces
+        # The latest trace that ended: what is done to traced values between two traces records into it
+        # (session-level nodes: they run on the server after that trace, before the next).
+        self.between: Tracer | None = None
         self.is_open = False
         self._runner = runner
 
@@ -66,6 +69,7 @@ class Session:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         tracer_stack.pop_session(self)
         self.is_open = False
+        self.between = None
         if exc_type is None and self.request.graph.nodes:
             self._runner.execute(self.request)
             _fill_containers(self.containers)
@@ -202,6 +206,7 @@ class Tracer:
             raise TraceError("nothing to run: pass an input to model.trace(...) or use tracer.invoke(...)")
         if self.session is not None:
             self.session.containers.extend(self._containers)
+            self.session.between = self
         elif self.blocking:
             self._runner.execute(self._request)
             _fill_containers(self._containers)
@@ -372,8 +377,13 @@ class Tracer:
     # -- recording -----------------------------------------------------------------------------
 
     def _check_open(self) -> None:
-        if not self.is_open:
+        if not self.is_open and not self.records_between():
             raise TraceError("this trace has already run; start a new `with model.trace(...)` block")
+
+    def records_between(self) -> bool:
+        """Whether this ended trace records what is done between it and the next trace of its session."""
+        return (self.session is not None and self.session.is_open and self.session.between is self
+                and not any(t.session is self.session and t.is_open for t in tracer_stack.open_tracers()))
 
     def record(self, op: str, args: tuple = (), kwargs: dict | None = None) -> Proxy:
         self._check_open()
@@ -402,8 +412,8 @@ class Tracer:
         return self.record(op, args, kwargs)
 
     def save(self, proxy: Proxy) -> None:
-        if proxy.tracer is not self:
-            raise TraceError("a proxy can only be saved inside its own trace")
+        if proxy.tracer is not self and (self.session is None or proxy.tracer.session is not self.session):
+            raise TraceError("a proxy can only be saved inside its own trace (or session)")
         self._check_open()
         save = self.record(ops.SAVE, (proxy,))
         self._request.saved[save.node.id] = proxy

@@ -329,6 +329,22 @@ def session_python_between_traces(nnsight, model):
     return {"shape": shape, "out": out}
 
 
+@pattern("nnsight.net function vectors tutorial: Python between the traces of a session (a mean of "
+         "activations, used by the next trace)")
+def session_mean_between_traces(nnsight, model):
+    with model.session():
+        with model.trace("The Eiffel Tower is in the city of"):
+            h1 = model.model.layers[5].output[:, -1]
+        with model.trace("The Colosseum is in the city of"):
+            h2 = model.model.layers[5].output[:, -1]
+        fv = torch.cat([h1, h2]).mean(0)
+        with model.trace("The Louvre is in the city of"):
+            model.model.layers[5].output[:, -1] += fv
+            out = model.lm_head.output[:, -1].save()
+        norm = nnsight.save(fv.norm())
+    return {"out": out, "norm": norm}
+
+
 @pattern("docs/patterns/steering.md: contrast direction in a session, Python after it")
 def session_steering_direction(nnsight, model):
     positive = ["I love this so much", "This is wonderful", "I am very happy"]

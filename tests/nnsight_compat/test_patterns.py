@@ -41,8 +41,8 @@ _LIST_SAVE = ("`list().save()` on Python's builtin list: NNsight mounts `.save` 
               "extension; farscope does not patch builtins (use `farscope.list()` or `farscope.save([])`)")
 _CONTROL_FLOW = ("Python `if`/`for` on a traced value inside a trace needs control-flow lowering into "
                  "graph nodes (server IR change; use torch.where meanwhile)")
-_SESSION_PYTHON = ("Python between the traces of a session on unsaved values needs session-level graph "
-                   "nodes (server IR change)")
+_SESSION_PYTHON = ("Python between the traces of a session records session-level nodes, but `list(hs.shape)` "
+                   "needs the shape while recording (the server-side meta-tensor scan)")
 _SHAPES = ("shapes while recording (`B, S, H = x.shape`) need the server-side meta-tensor scan that "
            "gives proxies their shapes")
 XFAIL: dict[str, str] = {
