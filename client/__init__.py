@@ -15,9 +15,10 @@ from farscope.interventions.errors import (
     VersionError,
 )
 
+from .compat import apply, dict, list, log, save
 from .envoy import Envoy
 from .model import RemoteModel
-from .proxy import Proxy
+from .proxy import Proxy, SavedTensor
 from .runner import Job
 from .tracing import Tracer
 
@@ -39,4 +40,10 @@ __all__ = [
     "CancelledError",
     "TransportError",
     "UploadMissingError",
+    "SavedTensor",
+    "save",
+    "list",
+    "dict",
+    "apply",
+    "log",
 ]

@@ -11,12 +11,23 @@ from collections.abc import Iterator
 from typing import Any
 
 from farscope.interventions import ops
+from farscope.interventions.errors import TraceError
 from farscope.interventions.graph import HookPoint
 
 from .proxy import Proxy
 from .tracer_stack import active_tracer
 
 __all__ = ["Envoy", "build_tree"]
+
+# NNsight features that an envoy does not offer (yet): the error names the farscope alternative.
+_NOT_YET = {
+    "source": "`.source` (NNsight's access to the operations inside a module's forward) is not supported "
+              "yet: hook the submodule that computes the value (e.g. self_attn.o_proj.input for the "
+              "attention heads' output), or its .output/.input",
+    "edit": "`.edit()` is a model-level call in farscope: `with model.edit() as edited:`",
+    "scan": "model.scan() (NNsight's shape pass on fake tensors) is not supported yet: read shapes from a "
+            "saved value of a real trace, or from model.config",
+}
 
 
 class Envoy:
@@ -63,6 +74,11 @@ class Envoy:
         tracer = active_tracer(self._model)
         return tracer.record(ops.CALL_MODULE, (HookPoint(self._path, ops.CALL_POINT), *args), kwargs)
 
+    def next(self, step: int = 1) -> Envoy:
+        """NNsight's `module.next()`: what follows is recorded for a later generation step."""
+        active_tracer(self._model).next(step)
+        return self
+
     def skip(self, value: Any) -> None:
         """Replace this module's output with `value` without running the module."""
         active_tracer(self._model).hook(ops.SKIP, self._path, "output", value)
@@ -82,6 +98,8 @@ class Envoy:
             return children[name]
         if name.startswith("__"):
             raise AttributeError(name)
+        if name in _NOT_YET:
+            raise TraceError(_NOT_YET[name])
         listed = ", ".join(children) or "none"
         raise AttributeError(f"{self._describe()} has no submodule {name!r}; its children: {listed}")
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
+from farscope.interventions import ops
+from farscope.interventions.errors import TraceError
+from farscope.interventions.graph import Node, Ref, map_args
+
+from . import tracer_stack
 from .envoy import Envoy, build_tree
 from .runner import Job, Runner
 from .tokenizer import load_tokenizer
@@ -42,6 +48,7 @@ class RemoteModel:
         self._config: Any = None
         # `tracer.log(...)` lines go to `on_log` while a job runs (NNsight prints remote prints).
         self._runner = Runner(self, self._transport, on_log or (lambda text: print(text, flush=True)))
+        self._edits: list[Edit] = []  # model.edit(): recorded into every invoke of this handle's traces
 
     # -- what the server told us ---------------------------------------------------------------
 
@@ -60,6 +67,14 @@ class RemoteModel:
         return self._config
 
     @property
+    def device(self) -> Any:
+        """Where this client's tensors live (CPU): NNsight scripts build inputs with `device=model.device`;
+        farscope uploads them to the server's device."""
+        import torch
+
+        return torch.device("cpu")
+
+    @property
     def architecture(self) -> str:
         return self._description.summary.architecture
 
@@ -68,20 +83,21 @@ class RemoteModel:
 
     # -- tracing -------------------------------------------------------------------------------
 
-    def trace(self, inputs: Any = None, *, blocking: bool = True) -> Tracer:
+    def trace(self, inputs: Any = None, *, blocking: bool = True, remote: bool | None = None) -> Tracer:
         """`with model.trace(prompt):` records interventions on one forward pass of `prompt`.
 
         Without an input, batch several with `tracer.invoke(...)`. With `blocking=False` the block
         only submits the job: `tracer.job` is a handle to poll (`done()`), `wait()` on or `cancel()`.
+        `remote` is accepted as NNsight spells it; farscope always runs on the server.
         """
-        return Tracer(self, inputs, blocking=blocking, runner=self._runner)
+        return Tracer(self, inputs, blocking=blocking, runner=self._runner, edits=self._edits)
 
     def job(self, job_id: str) -> Job:
         """Reattach to a job by id (from any process, until the server's result TTL runs out)."""
         return self._runner.attach(job_id)
 
     def generate(self, inputs: Any = None, *, max_new_tokens: int = 20, blocking: bool = True,
-                 **generation_kwargs: Any) -> Tracer:
+                 remote: bool | None = None, **generation_kwargs: Any) -> Tracer:
         """`with model.generate(prompt, max_new_tokens=N) as tracer:` records interventions per step.
 
         Interventions outside a step loop apply to the first step (the prompt's forward pass);
@@ -89,11 +105,57 @@ class RemoteModel:
         `tracer.result` is the generated token ids. Keywords go to HF `generate` (greedy by default).
         """
         options = {"max_new_tokens": max_new_tokens, **generation_kwargs}
-        return Tracer(self, inputs, mode="generate", options=options, blocking=blocking, runner=self._runner)
+        return Tracer(self, inputs, mode="generate", options=options, blocking=blocking, runner=self._runner,
+                      edits=self._edits)
 
-    def session(self) -> Session:
+    def session(self, *, remote: bool | None = None) -> Session:
         """`with model.session():` several traces in one request; values flow between them."""
         return Session(self, runner=self._runner)
+
+    @property
+    def generator(self) -> SimpleNamespace:
+        """NNsight's `model.generator.output`: the generated token ids (farscope's `tracer.result`)."""
+        tracer = tracer_stack.active_tracer(self)
+        if not isinstance(tracer, Tracer):
+            raise TraceError("model.generator exists inside `with model.generate(...)`")
+        return SimpleNamespace(output=tracer.result)
+
+    # -- persistent edits ----------------------------------------------------------------------
+
+    def edit(self, *, inplace: bool = False) -> Editing:
+        """`with model.edit() as (tracer, edited):` records interventions that every later trace of
+        `edited` applies to each of its inputs, as NNsight 0.8's `edit`; `with model.edit(inplace=True)
+        as tracer:` attaches them to this model itself.
+
+        The edits are kept on the client and recorded into each request: nothing is stored on the server.
+        """
+        return Editing(self, self if inplace else self._copy(), self._runner, inplace=inplace)
+
+    def clear_edits(self) -> None:
+        """Forget this handle's persistent edits."""
+        self._edits.clear()
+
+    def add_edit(self, edit: Edit) -> None:
+        self._edits.append(edit)
+
+    def _copy(self) -> RemoteModel:
+        """Another handle on the same model and connection, with its own module tree and edits."""
+        twin = copy.copy(self)
+        twin.own_state(list(self._edits))
+        return twin
+
+    def own_state(self, edits: list[Edit]) -> None:
+        """Give this handle (a copy of another) its own module tree, runner and `edits`."""
+        self._root = build_tree(self, [(m.path, m.class_name) for m in self._description.modules])
+        self._runner = Runner(self, self._transport, self._runner.on_log)
+        self._edits = edits
+
+    # -- NNsight features farscope does not have (yet) ---------------------------------------------
+
+    def scan(self, *args: Any, **kwargs: Any) -> Any:
+        raise TraceError("model.scan() (NNsight's shape pass on fake tensors) is not supported yet: read "
+                         "shapes from a saved value of a real trace (x.save(), then x.shape), or from "
+                         "model.config")
 
     # -- the module tree -----------------------------------------------------------------------
 
@@ -124,8 +186,52 @@ class RemoteModel:
     def close(self) -> None:
         self._transport.close()
 
+
     def __enter__(self) -> RemoteModel:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class Edit:
+    """Nodes recorded in a `model.edit()` block, re-recorded into the current invoke of a later trace."""
+
+    def __init__(self, nodes: list[Node]) -> None:
+        self.nodes = nodes
+
+    def __call__(self, tracer: Tracer) -> None:
+        new_ids: dict[int, int] = {}
+        invoke = tracer.invoke_rows
+
+        def remap(value: Any) -> Any:
+            return Ref(new_ids[value.id]) if isinstance(value, Ref) else value
+        for node in self.nodes:
+            kwargs = map_args(dict(node.kwargs), remap)
+            if "invoke" in kwargs:
+                kwargs["invoke"] = invoke
+            new_ids[node.id] = tracer.record(node.op, map_args(node.args, remap), kwargs).node.id
+
+
+class Editing:
+    """The `model.edit()` block: a trace of a placeholder input that records and never runs; on exit
+    its nodes become an `Edit` of the edited handle."""
+
+    def __init__(self, model: RemoteModel, edited: RemoteModel, runner: Runner, *, inplace: bool) -> None:
+        self.model = model
+        self.edited = edited
+        self.inplace = inplace
+        # The body names the edited handle's modules (`edited.model.layers[1]`; with inplace=True that is
+        # `model` itself). Never run: its nodes are only kept.
+        self.tracer = Tracer(edited, "", runner=runner)
+
+    def __enter__(self) -> Tracer | tuple[Tracer, RemoteModel]:
+        self.tracer.__enter__()
+        return self.tracer if self.inplace else (self.tracer, self.edited)
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        nodes = [n for n in self.tracer.graph.nodes if n.op != ops.SAVE]
+        tracer_stack.pop_tracer(self.tracer)
+        self.tracer.is_open = False
+        if exc_type is None:
+            self.edited.add_edit(Edit(nodes))

@@ -3,7 +3,13 @@
 A `Proxy` wraps one graph node. Operators, tensor methods and `torch.*` functions applied to it record
 new nodes (the operator methods are generated from the op registry's table, as torch.fx does with
 `magic_methods`). What has no deferred meaning (`bool()`, iteration, `len()`) raises `TraceError`.
-After the trace, a saved proxy holds its value and behaves as that value.
+
+`.save()` returns a `SavedTensor`: a `torch.Tensor` subclass that records like its proxy while the
+trace is open and, once the trace has run, is filled in place with the server's tensor (it shares
+its storage). So the name the user bound *is* a real tensor afterwards, and foreign code (tokenizers,
+numpy, matplotlib) takes it; no frame is rewritten. A saved value that is not a tensor (a model
+output object, a tuple, a Python number) stays reachable as `.value`, and the saved object forwards
+attributes, items, iteration and operators to it.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from farscope.interventions.graph import Node, Ref, map_args
 
 from .tracer_stack import OpenTracer, innermost_tracer
 
-__all__ = ["Proxy", "to_argument", "unwrap"]
+__all__ = ["Proxy", "SavedTensor", "to_argument", "unwrap"]
 
 _UNSET = object()
 # Fields of torch's named results (`x.topk(k).indices`) that are also (sparse) Tensor attributes.
@@ -29,13 +35,14 @@ _RESULT_FIELDS = frozenset({"values", "indices"})
 class Proxy:
     """A value inside a trace. `.save()` it to get `.value` after the trace has run."""
 
-    __slots__ = ("_tracer", "_node", "_value", "_missing")
+    __slots__ = ("_tracer", "_node", "_value", "_missing", "_saved")
 
     def __init__(self, tracer: OpenTracer, node: Node) -> None:
         object.__setattr__(self, "_tracer", tracer)
         object.__setattr__(self, "_node", node)
         object.__setattr__(self, "_value", _UNSET)
         object.__setattr__(self, "_missing", None)
+        object.__setattr__(self, "_saved", None)  # the SavedTensor standing for this value, once saved
 
     # -- the public surface --------------------------------------------------------------------
 
@@ -48,10 +55,13 @@ class Proxy:
         """The trace that recorded this value."""
         return self._tracer
 
-    def save(self) -> Proxy:
-        """Send this value back when the trace runs; returns the proxy itself."""
-        self._tracer.save(self)
-        return self
+    def save(self) -> SavedTensor:
+        """Send this value back when the trace runs. Returns a `SavedTensor` that records like this
+        proxy inside the trace and is the value itself after it (saving twice returns the same one)."""
+        if self._saved is None:
+            (_recorder(self) or self._tracer).save(self)
+            object.__setattr__(self, "_saved", SavedTensor(self))
+        return self._saved
 
     @property
     def value(self) -> Any:
@@ -79,6 +89,8 @@ class Proxy:
     def set_value(self, value: Any) -> None:
         """Fill this saved proxy with the value the server computed (done when a request finishes)."""
         object.__setattr__(self, "_value", value)
+        if self._saved is not None:
+            self._saved.fill(value)
 
     def set_missing(self, why: str) -> None:
         """Mark this saved proxy as having no value, saying why (done when a request finishes)."""
@@ -94,6 +106,11 @@ class Proxy:
         kwargs = {} if retain_graph is None else {"retain_graph": retain_graph}
         self._tracer.record(ops.BACKWARD, (self,), kwargs)
         return _Backward()
+
+    def requires_grad_(self, requires_grad: bool = True) -> Proxy:
+        """Accepted as in NNsight, and nothing to record: in a trace that calls `.backward()`, every
+        activation the graph reads already carries autograd history on the server."""
+        return self
 
     @property
     def grad(self) -> Any:
@@ -165,13 +182,16 @@ class Proxy:
     def __bool__(self) -> bool:
         if self.has_value:
             return bool(self._value)
-        raise TraceError("a proxy has no truth value inside a trace (its value exists only on the server); "
-                         "use torch.where or save it and decide after the trace")
+        raise TraceError("a proxy has no truth value inside a trace (its value exists only on the server): "
+                         "Python `if`/`while` on traced values (NNsight's conditionals) is not supported yet; "
+                         "use torch.where(cond, a, b) inside the trace, or save the value and decide after it")
 
     def __iter__(self) -> Any:
         if self.has_value:
             return iter(self._value)
-        raise TraceError("cannot iterate over a proxy inside a trace; index it instead (x[0], x[1], ...)")
+        raise TraceError("cannot iterate over a proxy inside a trace: Python `for` over traced values "
+                         "(NNsight's traced loops) is not supported yet; index it instead (x[0], x[1], ...), "
+                         "or loop over a Python range")
 
     def __len__(self) -> int:
         if self.has_value:
@@ -212,14 +232,154 @@ class _Backward:
         return None
 
 
+# Reached on a SavedTensor itself, never forwarded: its bookkeeping and the proxy's public state.
+_SAVED_OWN = frozenset({"proxy", "value", "has_value", "missing", "node", "tracer", "fill",
+                        "set_value", "set_missing"})
+
+
+class SavedTensor(torch.Tensor):
+    """What `proxy.save()` returns: a proxy while its trace records, the saved tensor after it.
+
+    It starts as an empty tensor. While its trace (or a later trace of its session) records, every
+    attribute, operator and `torch.*` call goes to the proxy and records a node. When the request
+    finishes, `fill` points its data at the server's tensor (shared storage, dtype and shape), so the
+    object the user holds is that tensor from then on. A non-tensor value stays in `.value`, and the
+    saved object forwards what is done to it there.
+    """
+
+    @staticmethod
+    def __new__(cls, proxy: Proxy) -> SavedTensor:
+        return cls._make_subclass(cls, torch.empty(0))
+
+    def __init__(self, proxy: Proxy) -> None:
+        super().__init__()
+        object.__setattr__(self, "_proxy", proxy)
+
+    # -- its own state ---------------------------------------------------------------------------
+
+    @property
+    def proxy(self) -> Proxy:
+        return object.__getattribute__(self, "_proxy")
+
+    @property
+    def value(self) -> Any:
+        """The value computed on the server (as `Proxy.value`: a clear error while it has none)."""
+        return self.proxy.value
+
+    @property
+    def has_value(self) -> bool:
+        return self.proxy.has_value
+
+    @property
+    def missing(self) -> str | None:
+        return self.proxy.missing
+
+    @property
+    def node(self) -> Node:
+        return self.proxy.node
+
+    @property
+    def tracer(self) -> OpenTracer:
+        return self.proxy.tracer
+
+    def save(self) -> SavedTensor:
+        return self.proxy.save()
+
+    def set_value(self, value: Any) -> None:
+        self.proxy.set_value(value)
+
+    def set_missing(self, why: str) -> None:
+        self.proxy.set_missing(why)
+
+    def fill(self, value: Any) -> None:
+        """Become `value` (a tensor: share its data; anything else: forward to it)."""
+        if isinstance(value, torch.Tensor):
+            super().__setattr__("data", value.detach())
+
+    def _recording(self) -> bool:
+        proxy = self.proxy
+        return not proxy.has_value and _recorder(proxy) is not None
+
+    def _tensor_value(self) -> bool:
+        proxy = self.proxy
+        return proxy.has_value and isinstance(proxy.value, torch.Tensor)
+
+    # -- forwarding ------------------------------------------------------------------------------
+
+    def __getattribute__(self, name: str) -> Any:
+        if name.startswith("_") or name in _SAVED_OWN:
+            return super().__getattribute__(name)
+        if self._tensor_value():
+            return super().__getattribute__(name)
+        proxy = self.proxy
+        return getattr(proxy.value if proxy.has_value else proxy, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not name.startswith("_") and self._recording():
+            setattr(self.proxy, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if _open_tracer((args, kwargs)) is not None:
+            return Proxy.__torch_function__(func, types, _as_proxies(args), _as_proxies(kwargs))
+        values, named = unwrap(args), unwrap(kwargs)
+        name = getattr(func, "__name__", "")
+        if values and not isinstance(values[0], torch.Tensor) and name.startswith("__") \
+                and name.endswith("__"):  # an operator on a saved non-tensor value: the value's own
+            return getattr(values[0], name)(*values[1:], **named)
+        return func(*values, **named)
+
+    def _forward(self, name: str, *args: Any) -> Any:
+        """`name` (a dunder) done by the proxy while recording, else by the value."""
+        proxy = self.proxy
+        return getattr(proxy if not proxy.has_value else proxy.value, name)(*args)
+
+    def __bool__(self) -> bool:
+        return self._forward("__bool__")
+
+    def __iter__(self) -> Any:
+        return self._forward("__iter__")
+
+    def __len__(self) -> int:
+        return self._forward("__len__")
+
+    def __contains__(self, item: Any) -> bool:
+        return self._forward("__contains__", item)
+
+    def __getitem__(self, key: Any) -> Any:
+        if self._tensor_value():
+            return super().__getitem__(key)
+        return self._forward("__getitem__", _as_proxies(key))
+
+    def __repr__(self) -> str:
+        return repr(self.proxy)
+
+    def __format__(self, spec: str) -> str:
+        return format(self.proxy, spec)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return self.value.__reduce_ex__(protocol)  # pickles (and deep-copies) as the plain value
+
+    __hash__ = torch.Tensor.__hash__
+
+
+def _as_proxies(value: Any) -> Any:
+    return map_args(value, lambda v: v.proxy if isinstance(v, SavedTensor) else v)
+
+
 def unwrap(value: Any) -> Any:
     """Proxies of finished traces replaced by their values (nested)."""
-    return map_args(value, lambda v: v.value if isinstance(v, Proxy) else v)
+    return map_args(value, lambda v: v.value if isinstance(v, (Proxy, SavedTensor)) else v)
 
 
 def to_argument(value: Any, tracer: OpenTracer) -> Any:
     """A recorded argument: proxies of this trace become `Ref`s; finished ones become their values."""
     def convert(v: Any) -> Any:
+        if isinstance(v, SavedTensor):
+            v = v.proxy
         if isinstance(v, Proxy):
             owner = v.tracer
             if owner is tracer or (owner.session is not None and owner.session is tracer.session):
@@ -235,7 +395,8 @@ def to_argument(value: Any, tracer: OpenTracer) -> Any:
 
 def _recorder(proxy: Proxy) -> OpenTracer | None:
     """The open trace that records what is done to `proxy`: its own, or, for a value of an earlier
-    trace of a session, the session's trace open now (values flow between a session's traces)."""
+    trace of a session, the session's trace open now (values flow between a session's traces), or,
+    between two traces of a session, the one that ended last."""
     tracer = proxy.tracer
     if tracer.is_open:
         return tracer
@@ -243,13 +404,17 @@ def _recorder(proxy: Proxy) -> OpenTracer | None:
     if session is None or not session.is_open:
         return None
     current = innermost_tracer()
-    return current if current is not None and current.session is session else None
+    if current is not None:
+        return current if current.session is session else None
+    return session.between  # between two traces of the session: session-level nodes
 
 
 def _open_tracer(value: Any) -> OpenTracer | None:
     found: list[OpenTracer] = []
 
     def visit(v: Any) -> Any:
+        if isinstance(v, SavedTensor):
+            v = v.proxy
         if isinstance(v, Proxy) and not found:
             tracer = _recorder(v)
             if tracer is not None:
@@ -288,3 +453,26 @@ for _op, (_dunder, _rdunder) in ops.OPERATOR_DUNDERS.items():
         setattr(Proxy, _dunder, _binary(_op, _spec.fn, reflected=False))
         if _rdunder:
             setattr(Proxy, _rdunder, _binary(_op, _spec.fn, reflected=True))
+
+
+def _saved_operator(dunder: str) -> Any:
+    """A SavedTensor operator: the proxy's while its trace records, the tensor's after it, or, for a
+    saved non-tensor value (a Python number), the value's own."""
+    tensor_method = getattr(torch.Tensor, dunder)
+
+    def method(self: SavedTensor, *args: Any) -> Any:
+        proxy = self.proxy
+        if not proxy.has_value and _recorder(proxy) is not None:
+            return getattr(proxy, dunder)(*args)
+        if proxy.has_value and not isinstance(proxy.value, torch.Tensor):
+            return getattr(proxy.value, dunder)(*unwrap(args))
+        return tensor_method(self, *args)
+    return method
+
+
+for _dunder, _rdunder in ops.OPERATOR_DUNDERS.values():
+    for _name in (_dunder, _rdunder):
+        if _name and _name not in ("__getitem__", "__setitem__") and hasattr(torch.Tensor, _name):
+            setattr(SavedTensor, _name, _saved_operator(_name))
+for _name in ("__int__", "__float__", "__index__"):
+    setattr(SavedTensor, _name, _saved_operator(_name))

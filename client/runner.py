@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from farscope.interventions.errors import FarscopeError
+from farscope.interventions.errors import FarscopeError, RemoteError
 from farscope.interventions.graph import Graph
 
 from .proxy import Proxy
@@ -121,12 +121,46 @@ class Job:
 
 
 def located(graph: Graph, error: FarscopeError) -> FarscopeError:
-    """The error, pointing at the user's line that recorded the failing node."""
+    """The error, pointing at the user's line that recorded the failing node.
+
+    This is where every server error reaches the user, so it is also where a `RemoteError` whose
+    message names a builtin exception ("IndexError: ...") becomes one that is both: `except IndexError`
+    catches it, as it would around NNsight's local execution.
+    """
     if error.node_id is not None and 0 <= error.node_id < len(graph.nodes):
         node = graph.nodes[error.node_id]
         error.node = node.format()
         error.where = _describe_where(node.where) if node.where else None
-    return error
+    return as_builtin(error)
+
+
+# The builtin exceptions a remote failure is raised as too; looked up by name in this fixed table only.
+_BUILTINS: dict[str, type[Exception]] = {cls.__name__: cls for cls in (
+    IndexError, KeyError, ValueError, TypeError, RuntimeError, AttributeError, ZeroDivisionError)}
+_REMOTE_BUILTINS: dict[type[Exception], type[RemoteError]] = {
+    builtin: type(f"Remote{builtin.__name__}", (RemoteError, builtin), {
+        "__doc__": f"A {builtin.__name__} raised on the server: both a farscope RemoteError and a "
+                   f"{builtin.__name__}.",
+        "__module__": __name__,
+        "__str__": RemoteError.__str__})
+    for builtin in _BUILTINS.values()}
+
+
+def as_builtin(error: FarscopeError) -> FarscopeError:
+    """`error`, as a `RemoteError` subclass that is also the builtin exception its message names."""
+    if type(error) is not RemoteError:
+        return error
+    name = error.message.split(":", 1)[0].strip()
+    builtin = _BUILTINS.get(name)
+    if builtin is None:  # the forward pass's own failure: "the model's forward pass failed: IndexError: ..."
+        name = next((n for n in _BUILTINS if f": {n}: " in error.message), "")
+        builtin = _BUILTINS.get(name)
+    if builtin is None:
+        return error
+    typed = _REMOTE_BUILTINS[builtin](error.message, node=error.node, node_id=error.node_id,
+                                      where=error.where, job_id=error.job_id)
+    typed.__cause__ = error.__cause__
+    return typed
 
 
 def _describe_where(where: str) -> str:

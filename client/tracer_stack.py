@@ -31,6 +31,7 @@ class OpenSession(Protocol):
 
     model: Any
     is_open: bool
+    between: Any  # the ended trace recording what is done between traces (an OpenTracer), or None
 
 
 class OpenTracer(Protocol):
@@ -45,6 +46,10 @@ class OpenTracer(Protocol):
     def hook(self, op: str, module: str, point: str, value: Any = None) -> Any: ...
 
     def save(self, proxy: Any) -> None: ...
+
+    def keep(self, container: Any) -> None: ...
+
+    def next(self, step: int = 1) -> Any: ...
 
 
 class _OpenContexts(threading.local):

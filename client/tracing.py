@@ -18,13 +18,13 @@ import torch
 import farscope.interventions as _interventions
 from farscope.interventions import ops
 from farscope.interventions.errors import TraceError
-from farscope.interventions.graph import HookPoint
+from farscope.interventions.graph import HookPoint, Ref, map_args
 
 from . import tracer_stack
-from .proxy import Proxy, to_argument
+from .proxy import Proxy, SavedTensor, to_argument
 from .runner import Job, Request, Runner
 
-__all__ = ["Tracer", "Session", "Cache"]
+__all__ = ["Tracer", "Session", "Cache", "CacheEntry", "Barrier", "SavedList", "SavedDict", "save"]
 
 # Frames inside these folders are farscope's or torch's own; the first frame outside is the user's.
 _INTERNAL = tuple(
@@ -52,6 +52,10 @@ class Session:
     def __init__(self, model: Any, *, runner: Runner) -> None:
         self.model = model
         self.request = Request()
+        self.containers: list[SavedList | SavedDict] = []  # farscope.list()/dict()/save([...]) of its traces
+        # The latest trace that ended: what is done to traced values between two traces records into it
+        # (session-level nodes: they run on the server after that trace, before the next).
+        self.between: Tracer | None = None
         self.is_open = False
         self._runner = runner
 
@@ -65,8 +69,13 @@ class Session:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         tracer_stack.pop_session(self)
         self.is_open = False
+        self.between = None
         if exc_type is None and self.request.graph.nodes:
             self._runner.execute(self.request)
+            _fill_containers(self.containers)
+
+    def barrier(self, participants: int = 0) -> Barrier:
+        return Barrier(participants)
 
 
 def _open_session(model: Any) -> Session | None:
@@ -77,18 +86,62 @@ def _open_session(model: Any) -> Session | None:
 class _Steps:
     """`tracer.iter[a:b]`: generation steps to record interventions for."""
 
-    def __init__(self, total: int, over: Callable[[Iterable[int]], Iterator[int]]) -> None:
-        self.total = total
-        self.over = over
+    def __init__(self, tracer: Tracer) -> None:
+        self.tracer = tracer
 
-    def __getitem__(self, which: int | slice | list[int]) -> Iterator[int]:
+    def __getitem__(self, which: int | slice | list[int]) -> _StepLoop:
+        total = self.tracer.steps
         if isinstance(which, slice):
-            steps = list(range(self.total))[which]
+            steps = list(range(total))[which]
         elif isinstance(which, int):
-            steps = [which if which >= 0 else self.total + which]
+            steps = [which if which >= 0 else total + which]
         else:
             steps = [int(s) for s in which]
-        return self.over(steps)
+        return _StepLoop(self.tracer, steps)
+
+
+class _StepLoop:
+    """The chosen steps, iterated or entered.
+
+    `for step in tracer.iter[...]:` runs the body once per step, recording it for that step.
+    `with tracer.iter[...]:` (NNsight's context-manager form) runs its body once, in Python: it is
+    recorded for the first step, and on exit the nodes it recorded are recorded again for each later
+    step, hook points moved to that step. Items the body appended to a `farscope.list()` are appended
+    again, one per step; other Python side effects of the body happen once.
+    """
+
+    def __init__(self, tracer: Tracer, steps: list[int]) -> None:
+        self.tracer = tracer
+        self.steps = steps
+        self._entered: Iterator[int] | None = None
+        self._block: _StepBlock | None = None
+
+    def __iter__(self) -> Iterator[int]:
+        return self.tracer.over_steps(self.steps)
+
+    def __enter__(self) -> _StepLoop:
+        if not self.steps:
+            raise TraceError("`with tracer.iter[...]:` selects no generation step")
+        self._entered = self.tracer.over_steps(self.steps)
+        next(self._entered)
+        self._block = self.tracer.open_step_block()
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        block, self._block = self._block, None
+        entered, self._entered = self._entered, None
+        if entered is not None:
+            entered.close()
+        if block is not None:
+            self.tracer.close_step_block(block, self.steps[1:] if exc_type is None else [])
+
+
+class _StepBlock:
+    """What a `with tracer.iter[...]:` body recorded: where its nodes start, and its list appends."""
+
+    def __init__(self, first_node: int) -> None:
+        self.first_node = first_node
+        self.appends: list[tuple[SavedList, int]] = []  # (the list, the appended value's node id)
 
 
 class Tracer:
@@ -99,7 +152,8 @@ class Tracer:
     """
 
     def __init__(self, model: Any, inputs: Any = None, *, mode: str = "trace",
-                 options: dict[str, Any] | None = None, blocking: bool = True, runner: Runner) -> None:
+                 options: dict[str, Any] | None = None, blocking: bool = True, runner: Runner,
+                 edits: Iterable[Callable[[Tracer], None]] = ()) -> None:
         self.model = model
         self.blocking = blocking
         self.job: Job | None = None  # with blocking=False: the submitted job
@@ -112,8 +166,12 @@ class Tracer:
         self.segment = None
         self.is_open = False
         self._invoke: int | None = None
+        self._whole_batch = False  # inside an empty `tracer.invoke()`: reads span every invoke's rows
         self._call = 0
         self._inputs = None if inputs is None else _check_input(inputs)
+        self._edits = tuple(edits)  # model.edit() bodies: recorded first, into every invoke
+        self._step_block: _StepBlock | None = None  # an open `with tracer.iter[...]:` body
+        self._containers: list[SavedList | SavedDict] = []
 
     @property
     def steps(self) -> int:
@@ -127,14 +185,18 @@ class Tracer:
                                             for t in tracer_stack.open_tracers()):
             raise TraceError("traces in a session run one after another; they cannot be nested")
         self.segment = self.graph.begin(self.mode, self.options)
+        self.is_open = True
+        tracer_stack.push_tracer(self)
         if self._inputs is not None:
             self.segment.invokes.append(self._inputs)
             self._invoke = 0
-        self.is_open = True
-        tracer_stack.push_tracer(self)
+            self._apply_edits()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            for container in self._containers:  # what was put in them is sent back
+                container.save_items()
         tracer_stack.pop_tracer(self)
         self.is_open = False
         self._invoke = None
@@ -142,37 +204,109 @@ class Tracer:
             return
         if not self.segment.invokes:
             raise TraceError("nothing to run: pass an input to model.trace(...) or use tracer.invoke(...)")
-        if self.session is None:
-            if self.blocking:
-                self._runner.execute(self._request)
-            else:
-                self.job = self._runner.submit(self._request)
+        if self.session is not None:
+            self.session.containers.extend(self._containers)
+            self.session.between = self
+        elif self.blocking:
+            self._runner.execute(self._request)
+            _fill_containers(self._containers)
+        else:
+            self.job = self._runner.submit(self._request)
+
+    def _apply_edits(self) -> None:
+        """Record the model's persistent edits (`model.edit()`) into the current invoke."""
+        for edit in self._edits:
+            edit(self)
 
     @contextlib.contextmanager
-    def invoke(self, inputs: Any) -> Iterator[Tracer]:
-        """A batch entry: interventions recorded inside apply to this input's rows only."""
+    def invoke(self, *inputs: Any) -> Iterator[Tracer]:
+        """A batch entry: interventions recorded inside apply to this input's rows only.
+
+        `tracer.invoke([p1, p2])` is one entry of two rows. An empty `tracer.invoke()` adds no input:
+        what it reads spans the whole batch (every invoke's rows), as in NNsight.
+        """
+        if len(inputs) > 1:
+            raise TraceError("tracer.invoke takes one input: a prompt, a list of prompts or token ids")
+        if self._invoke is not None or self._whole_batch:
+            raise TraceError("invokes cannot be nested")
+        if not inputs:
+            self._whole_batch = True
+            try:
+                yield self
+            finally:
+                self._whole_batch = False
+            return
         if self._inputs is not None:
             raise TraceError("this trace already has an input (model.trace(input)); to batch several, "
                              "call model.trace() without one and use tracer.invoke(...) for each")
-        if self._invoke is not None:
-            raise TraceError("invokes cannot be nested")
-        self.segment.invokes.append(_check_input(inputs))
+        self.segment.invokes.append(_check_input(inputs[0]))
         self._invoke = len(self.segment.invokes) - 1
+        self._apply_edits()
         try:
             yield self
         finally:
             self._invoke = None
 
+    def barrier(self, participants: int = 0) -> Barrier:
+        """Accepted as in NNsight (`barrier = tracer.barrier(2)`, then `barrier()` in each invoke).
+
+        farscope needs none: values flow between invokes by reference in the recorded graph.
+        """
+        return Barrier(participants)
+
     # -- generation steps ----------------------------------------------------------------------
 
-    def all(self) -> Iterator[int]:
+    def all(self) -> _StepLoop:
         """Every generation step: `for step in tracer.all(): ...` records the body once per step."""
-        return self._over(range(self.steps))
+        return _StepLoop(self, list(range(self.steps)))
 
     @property
     def iter(self) -> _Steps:
-        """Chosen steps: `for step in tracer.iter[2:5]:` (an int, a slice or a list of steps)."""
-        return _Steps(self.steps, self._over)
+        """Chosen steps: `for step in tracer.iter[2:5]:` (an int, a slice or a list of steps), or
+        `with tracer.iter[2:5]:`."""
+        return _Steps(self)
+
+    def over_steps(self, steps: Iterable[int]) -> Iterator[int]:
+        """Each of `steps` in turn, recording what is done meanwhile for that generation step."""
+        return self._over(steps)
+
+    def open_step_block(self) -> _StepBlock:
+        if self._step_block is not None:
+            raise TraceError("`with tracer.iter[...]:` blocks cannot be nested")
+        self._step_block = _StepBlock(len(self.graph.nodes))
+        return self._step_block
+
+    def close_step_block(self, block: _StepBlock, later_steps: list[int]) -> None:
+        """Record the block's nodes again for each of `later_steps` (see `_StepLoop`)."""
+        self._step_block = None
+        nodes = [n for n in self.graph.nodes[block.first_node:] if n.op != ops.SAVE]
+        for step in later_steps:
+            copies: dict[int, int] = {}
+
+            def remap(value: Any, copies: dict[int, int] = copies) -> Any:
+                return Ref(copies[value.id]) if isinstance(value, Ref) and value.id in copies else value
+            for node in nodes:
+                kwargs = map_args(dict(node.kwargs), remap)
+                if node.op in ops.HOOK_OPS:
+                    kwargs.pop("call", None)
+                    if step:
+                        kwargs["call"] = step
+                copies[node.id] = self.record(node.op, map_args(node.args, remap), kwargs).node.id
+            for container, node_id in block.appends:
+                container.append(Proxy(self, self.graph.nodes[copies[node_id]]))
+
+    def note_append(self, container: SavedList, item: Any) -> None:
+        """A traced `item` appended to `container` inside a `with tracer.iter[...]:` body."""
+        if self._step_block is not None and isinstance(item, Proxy | SavedTensor) and item.tracer is self:
+            self._step_block.appends.append((container, item.node.id))
+
+    def next(self, step: int = 1) -> Tracer:
+        """Record what follows for the generation step `step` later (NNsight's `tracer.next()`)."""
+        target = self._call + step
+        if not 0 <= target < self.steps:
+            raise TraceError(f"step {target} is outside this generation's {self.steps} steps")
+        self._call = target
+        return self
 
     def _over(self, steps: Iterable[int]) -> Iterator[int]:
         for step in steps:
@@ -191,12 +325,18 @@ class Tracer:
             raise TraceError("tracer.result exists under model.generate(...)")
         return self._hook(ops.READ, "", "result", invoke=self._invoke)
 
+    @property
+    def invoke_rows(self) -> int | None:
+        """The current invoke (None outside one, or inside an empty `tracer.invoke()`)."""
+        return self._invoke
+
     # -- other interventions ---------------------------------------------------------------------
 
-    def cache(self, modules: Any = None) -> Cache:
-        """Save the output of every module (or of `modules`: envoys or paths), by module path.
-
-        Like TransformerLens' `run_with_cache`: `cache["model.layers.5"]` after the trace.
+    def cache(self, modules: Any = None, include_inputs: bool = False) -> Cache:
+        """Save the output (and with `include_inputs`, the inputs) of every module, or of `modules`
+        (envoys or paths), as NNsight does: `cache["model.model.layers.5"].output` after the trace, or
+        `cache.model.model.layers[5].output`. Keys are the envoy paths NNsight prints (`model.` + the
+        module path); a module's own path (`"model.layers.5"`) is accepted too.
         """
         if modules is None:
             # Containers are never called, and hooking attention probabilities would switch every
@@ -205,15 +345,25 @@ class Tracer:
             chosen = [e for e in self.model.modules() if e.path and e.class_name not in skipped]
         else:
             chosen = [self._envoy_at(m) if isinstance(m, str) else m for m in modules]
-        if self._invoke is None:
-            raise TraceError("tracer.cache() records reads of this invoke's rows: call it inside an invoke")
-        return Cache({envoy.path: self._hook(ops.READ, envoy.path, "output", invoke=self._invoke,
-                                             optional=True).save() for envoy in chosen})
+        if self._invoke is None and not self._whole_batch and len(self.segment.invokes) != 1:
+            raise TraceError("tracer.cache() records reads of one invoke's rows (or, in an empty "
+                             "tracer.invoke(), of the whole batch): call it inside an invoke")
+        invoke = self._invoke if not self._whole_batch and self._invoke is not None else None
+        if invoke is None and not self._whole_batch:
+            invoke = 0  # a trace of one input: its one invoke
+
+        def read(path: str, point: str) -> Any:
+            return self._hook(ops.READ, path, point, invoke=invoke, optional=True).save()
+        return Cache({envoy.path: CacheEntry(envoy.path, read(envoy.path, "output"),
+                                             read(envoy.path, "inputs") if include_inputs else None)
+                      for envoy in chosen})
 
     def _envoy_at(self, path: str) -> Any:
-        for envoy in self.model.modules():
-            if envoy.path == path:
-                return envoy
+        """The envoy at a module path, or at NNsight's envoy path (`model.` + the module path)."""
+        envoys = {envoy.path: envoy for envoy in self.model.modules()}
+        for candidate in (path, _module_path(path)):
+            if candidate in envoys:
+                return envoys[candidate]
         raise AttributeError(f"the model has no module {path!r}")
 
     def stop(self) -> None:
@@ -227,8 +377,13 @@ class Tracer:
     # -- recording -----------------------------------------------------------------------------
 
     def _check_open(self) -> None:
-        if not self.is_open:
+        if not self.is_open and not self.records_between():
             raise TraceError("this trace has already run; start a new `with model.trace(...)` block")
+
+    def records_between(self) -> bool:
+        """Whether this ended trace records what is done between it and the next trace of its session."""
+        return (self.session is not None and self.session.is_open and self.session.between is self
+                and not any(t.session is self.session and t.is_open for t in tracer_stack.open_tracers()))
 
     def record(self, op: str, args: tuple = (), kwargs: dict | None = None) -> Proxy:
         self._check_open()
@@ -238,6 +393,8 @@ class Tracer:
 
     def hook(self, op: str, module: str, point: str, value: Any = None) -> Proxy:
         """Read, write or skip a module's hook point, for the current invoke's rows and step."""
+        if self._whole_batch:
+            return self._hook(op, module, point, value, invoke=None)
         if self._invoke is None:
             raise TraceError(f"{module or 'model'}.{point} is used outside an invoke: open "
                              "`with tracer.invoke(input):` first")
@@ -255,33 +412,96 @@ class Tracer:
         return self.record(op, args, kwargs)
 
     def save(self, proxy: Proxy) -> None:
-        if proxy.tracer is not self:
-            raise TraceError("a proxy can only be saved inside its own trace")
+        if proxy.tracer is not self and (self.session is None or proxy.tracer.session is not self.session):
+            raise TraceError("a proxy can only be saved inside its own trace (or session)")
         self._check_open()
         save = self.record(ops.SAVE, (proxy,))
         self._request.saved[save.node.id] = proxy
 
+    def keep(self, container: SavedList | SavedDict) -> None:
+        """Send back what `container` holds when this trace ends (its proxies are saved then)."""
+        self._check_open()
+        self._containers.append(container)
+
+
+def _module_path(key: str) -> str:
+    """A module path from NNsight's envoy path (`model.model.layers.0` -> `model.layers.0`)."""
+    if key == "model":
+        return ""
+    return key[len("model."):] if key.startswith("model.") else key
+
+
+class CacheEntry:
+    """One module's cached values: `.output`, and with `include_inputs=True` `.inputs` (args, kwargs)
+    and `.input` (the first positional input), as NNsight's cache entries."""
+
+    def __init__(self, path: str, output: Any, inputs: Any = None) -> None:
+        self.path = path
+        self.saved_output = output
+        self.saved_inputs = inputs
+
+    @property
+    def ran(self) -> bool:
+        return self.saved_output.tracer.is_open or self.saved_output.missing is None
+
+    @property
+    def output(self) -> Any:
+        return _filled(self.saved_output)
+
+    @property
+    def inputs(self) -> Any:
+        if self.saved_inputs is None:
+            raise AttributeError(f"the cache of {_key_of(self.path)!r} has no inputs: call "
+                                 "tracer.cache(include_inputs=True)")
+        return _filled(self.saved_inputs)
+
+    @property
+    def input(self) -> Any:
+        args, kwargs = self.inputs
+        return args[0] if args else next(iter(kwargs.values()))
+
+    def __repr__(self) -> str:
+        return f"CacheEntry({_key_of(self.path)!r})"
+
+
+def _key_of(path: str) -> str:
+    return f"model.{path}" if path else "model"
+
 
 class Cache(dict):
-    """Saved module outputs by module path; after the trace, items are the values.
+    """Cached module values by NNsight's key (`"model.model.layers.0"`); each item is a `CacheEntry`
+    with `.output` (and `.inputs`). Attribute access mirrors the model: `cache.model.model.layers[0]`.
 
     Modules that did not run in the forward pass (e.g. a dropout that attention skips, or everything
     after an early stop) are left out.
     """
 
-    def __getitem__(self, path: str) -> Any:
-        proxy = super().__getitem__(path)
-        if proxy.tracer.is_open:
-            return proxy
-        if proxy.missing is not None:
-            raise KeyError(f"{path!r} did not run in this forward pass, so it has no cached output")
-        return proxy.value
+    def __init__(self, entries: dict[str, CacheEntry]) -> None:
+        super().__init__({_key_of(path): entry for path, entry in entries.items()})
 
-    def __contains__(self, path: object) -> bool:
-        if not super().__contains__(path):
+    def _key(self, key: str) -> str:
+        """NNsight's key as given, else `key` read as a module path (`"model.layers.0"`, `""`)."""
+        return key if dict.__contains__(self, key) else _key_of(key)
+
+    def __getitem__(self, key: str) -> CacheEntry:
+        found = self._key(key)
+        if not dict.__contains__(self, found):
+            sample = ", ".join(list(dict.keys(self))[:3])
+            raise KeyError(f"{key!r} is not in this cache: keys are envoy paths such as {sample}, ...")
+        entry = super().__getitem__(found)
+        if not entry.ran:
+            raise KeyError(f"{key!r} did not run in this forward pass, so it has no cached output")
+        return entry
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str) or not dict.__contains__(self, self._key(key)):
             return False
-        proxy = super().__getitem__(path)
-        return proxy.tracer.is_open or proxy.missing is None
+        return super().__getitem__(self._key(key)).ran
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _CachePath(self, name)
 
     def __iter__(self) -> Any:
         return (path for path in super().__iter__() if path in self)
@@ -297,6 +517,100 @@ class Cache(dict):
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
+
+
+class _CachePath:
+    """`cache.model.model.layers[0]`: walks keys by attribute and index down to an entry's values."""
+
+    def __init__(self, cache: Cache, key: str) -> None:
+        self.cache = cache
+        self.key = key
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("output", "inputs", "input") and dict.__contains__(self.cache, self.key):
+            return getattr(self.cache[self.key], name)
+        return _CachePath(self.cache, f"{self.key}.{name}")
+
+    def __getitem__(self, index: int) -> _CachePath:
+        return _CachePath(self.cache, f"{self.key}.{index}")
+
+
+class Barrier:
+    """NNsight's cross-invoke barrier, accepted and needing nothing: `barrier()` does nothing, because
+    a farscope graph refers to another invoke's values directly."""
+
+    def __init__(self, participants: int) -> None:
+        self.participants = participants
+
+    def __call__(self) -> None:
+        return None
+
+
+class SavedList(list):
+    """`farscope.list()` (NNsight's `nnsight.list()` / `list().save()`): a list filled inside a trace
+    whose traced items come back as their values when the trace ends (replaced in place)."""
+
+    def save(self) -> SavedList:
+        return self
+
+    def append(self, item: Any) -> None:
+        super().append(item)
+        tracer = tracer_stack.innermost_tracer()
+        if isinstance(tracer, Tracer):
+            tracer.note_append(self, item)
+
+    def save_items(self) -> None:
+        self[:] = [save(item) for item in self]
+
+    def fill_items(self) -> None:
+        self[:] = [_filled(item) for item in self]
+
+
+class SavedDict(dict):
+    """`farscope.dict()`: a dict filled inside a trace; its traced values come back as values."""
+
+    def save(self) -> SavedDict:
+        return self
+
+    def save_items(self) -> None:
+        for key, item in self.items():
+            self[key] = save(item)
+
+    def fill_items(self) -> None:
+        for key, item in self.items():
+            self[key] = _filled(item)
+
+
+def save(value: Any) -> Any:
+    """NNsight's `nnsight.save(value)`: a proxy is saved (returns what `.save()` returns); a list or
+    dict becomes one whose traced items come back; anything else comes back as it is."""
+    if isinstance(value, Proxy | SavedTensor):
+        return value.save()
+    tracer = tracer_stack.innermost_tracer()
+    if isinstance(value, list | dict) and tracer is not None:
+        kept = value if isinstance(value, SavedList | SavedDict) else (
+            SavedList(value) if isinstance(value, list) else SavedDict(value))
+        tracer.keep(kept)
+        return kept
+    if isinstance(value, tuple):
+        return tuple(save(v) for v in value)
+    return value
+
+
+def _filled(item: Any) -> Any:
+    """A saved item after its trace: the SavedTensor (a tensor then), or the non-tensor value itself."""
+    if isinstance(item, SavedTensor):
+        if not item.has_value:
+            return item  # still recording, or never computed (its error says why on use)
+        return item.value if not isinstance(item.value, torch.Tensor) else item
+    if isinstance(item, tuple):
+        return tuple(_filled(v) for v in item)
+    return item
+
+
+def _fill_containers(containers: Iterable[SavedList | SavedDict]) -> None:
+    for container in containers:
+        container.fill_items()
 
 
 def _check_input(value: Any) -> Any:

@@ -5,6 +5,9 @@
     with model.trace("The Eiffel Tower is in the city of"):
         h = model.model.layers[5].output.save()
 
+NNsight scripts run with `import farscope as nnsight` and the model line swapped: `nnsight.save`,
+`nnsight.list`, `nnsight.dict`, `nnsight.apply` and `nnsight.log` are here, and `remote=True` is accepted.
+
 The client's names are imported on first use, so `farscope keys ...` and other commands that never
 touch a model start without importing torch.
 """
@@ -43,6 +46,13 @@ __all__ = [
     "LimitError",
     "CancelledError",
     "TransportError",
+    "SavedTensor",
+    # NNsight's module-level helpers (`import farscope as nnsight`): save, list, dict, apply, log.
+    "save",
+    "list",
+    "dict",
+    "apply",
+    "log",
 ]
 
 

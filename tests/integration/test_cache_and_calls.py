@@ -88,7 +88,8 @@ def test_cache_of_every_module_equals_individual_saves(arch, tiny_remote, tiny_l
     m, model = tiny_remote[arch], tiny_local[arch]
     with m.trace(PROMPT) as tracer:
         cache = tracer.cache()
-    paths = list(cache)
+    assert all(key.startswith("model.") for key in cache)  # NNsight's keys: the envoy paths
+    paths = [key.removeprefix("model.") for key in cache]
     with m.trace(PROMPT):
         single = {path: at(m, path).output.save() for path in paths}
 
@@ -106,13 +107,14 @@ def test_cache_of_every_module_equals_individual_saves(arch, tiny_remote, tiny_l
             cache["transformer.h.0.attn.attn_dropout"]
     assert NORMS[arch] in cache and layer(arch, 1) in cache and "lm_head" in cache
     for path in paths:
-        assert_same(cache[path], single[path].value, path)
+        assert_same(cache[path].output, single[path].value, path)
+        assert cache[f"model.{path}"] is cache[path]
     # And the tensors are what plain hooks see.
     reads, logits = run_hooks(model, ids_of(tiny_tokenizer, PROMPT), read=paths)
     for path in paths:
         if isinstance(reads[path], torch.Tensor):
-            assert_same(cache[path], reads[path], path)
-    assert_same(cache["lm_head"], logits, "logits")
+            assert_same(cache[path].output, reads[path], path)
+    assert_same(cache["lm_head"].output, logits, "logits")
 
 
 def test_cache_of_chosen_modules_by_envoy_and_by_path(smol, smol_local):
@@ -126,16 +128,17 @@ def test_cache_of_chosen_modules_by_envoy_and_by_path(smol, smol_local):
         single = {path: at(smol, path).output.save()
                   for path in ["model.layers.3", "model.layers.3.mlp", "model.norm", *by_path]}
 
-    assert list(envoy_cache) == ["model.layers.3", "model.layers.3.mlp", "model.norm"]
-    assert list(path_cache) == by_path
+    assert list(envoy_cache) == ["model.model.layers.3", "model.model.layers.3.mlp", "model.model.norm"]
+    assert list(path_cache) == [f"model.{path}" for path in by_path]
     for cache in (envoy_cache, path_cache):
-        for path in cache:
-            assert_same(cache[path], single[path].value, path)
+        for key in cache:
+            path = key.removeprefix("model.")
+            assert_same(cache[key].output, single[path].value, path)
     reads, _ = run_hooks(model, ids_of(tokenizer, EIFFEL), read=["model.layers.3", "model.layers.5"],
                          use_cache=None)
-    assert_same(envoy_cache["model.layers.3"], reads["model.layers.3"], "layer 3")
-    assert_same(path_cache["model.layers.5"], reads["model.layers.5"], "layer 5")
-    attn = path_cache["model.layers.5.self_attn"]
+    assert_same(envoy_cache["model.layers.3"].output, reads["model.layers.3"], "layer 3")
+    assert_same(path_cache["model.model.layers.5"].output, reads["model.layers.5"], "layer 5")
+    attn = path_cache["model.layers.5.self_attn"].output
     assert isinstance(attn, tuple) and attn[0].shape == (1, ids_of(tokenizer, EIFFEL).shape[1], 576)
 
 
@@ -143,9 +146,10 @@ def test_cache_values_arrive_after_the_trace(tiny_remote):
     m = tiny_remote["llama"]
     with m.trace(PROMPT) as tracer:
         cache = tracer.cache(["model.layers.0"])
-        inside = cache["model.layers.0"]
-        assert isinstance(inside, farscope.Proxy)  # a proxy while the trace is open
-    assert isinstance(cache["model.layers.0"], torch.Tensor)
+        inside = cache["model.layers.0"].output
+        assert isinstance(inside, farscope.SavedTensor) and not inside.has_value  # recording while open
+    assert isinstance(cache["model.layers.0"].output, torch.Tensor)
+    assert cache["model.layers.0"].output is inside and torch.equal(inside, inside.value)
 
 
 # -- out-of-order module calls ----------------------------------------------------------------------

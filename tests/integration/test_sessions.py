@@ -175,12 +175,16 @@ def test_values_of_a_session_arrive_only_when_it_exits(smol, smol_local, request
         with pytest.raises(farscope.TraceError, match=r"no value yet: values arrive when the trace \(or the "
                                                        r"session\) exits"):
             h.value  # noqa: B018
+        # Python between traces records session-level nodes (computed on the server), as NNsight allows.
+        later = (h + 1).save()
+        assert isinstance(later, torch.Tensor) and not later.has_value
         with pytest.raises(farscope.TraceError, match="no value yet"):
-            h + 1  # noqa: B018
+            later.value  # noqa: B018
         assert requests.count == 0
     assert requests.count == 1
     reads, _ = run_hooks(model, ids_of(tokenizer, CLEAN), read=["model.layers.2"])
     assert torch.equal(h.value, reads["model.layers.2"])
+    assert torch.equal(later, reads["model.layers.2"] + 1)
 
 
 def test_a_session_mixing_a_trace_and_generates(smol, smol_local, requests):
