@@ -287,7 +287,7 @@ class Tracer:
                 return Ref(copies[value.id]) if isinstance(value, Ref) and value.id in copies else value
             for node in nodes:
                 kwargs = map_args(dict(node.kwargs), remap)
-                if node.op in ops.HOOK_OPS:
+                if ops.REGISTRY[node.op].hooked:
                     kwargs.pop("call", None)
                     if step:
                         kwargs["call"] = step

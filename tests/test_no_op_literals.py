@@ -14,7 +14,8 @@ where it plainly belongs to one of them, recognised by position, not by file (fi
 - command-line subcommands (``farscope keys add``): the first argument of ``add_parser``, or
   compared with an attribute named ``*_command``;
 - Python attribute names (a proxy's ``.grad``): compared with the attribute-name parameter of a
-  ``__getattr__`` / ``__setattr__`` / ``__delattr__`` it sits in.
+  ``__getattr__`` / ``__setattr__`` / ``__delattr__`` it sits in;
+- exported Python names (``farscope.save``, ``farscope.log``): an item of a module's ``__all__``.
 
 The test runs once per file, so a failure names the file and each line.
 """
@@ -64,6 +65,8 @@ def _attribute_parameter(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> str 
 def _other_vocabulary(literal: ast.Constant, parents: dict[ast.AST, ast.AST]) -> bool:
     """Whether `literal` is an event kind, a CLI subcommand or an attribute name by its position."""
     parent = parents.get(literal)
+    if isinstance(parent, (ast.List, ast.Tuple)) and isinstance(parents.get(parent), ast.Assign):
+        return any(_name_of(target) == "__all__" for target in parents[parent].targets)
     if isinstance(parent, ast.Call):
         callee = _name_of(parent.func)
         first = bool(parent.args) and parent.args[0] is literal
@@ -124,6 +127,8 @@ def test_no_op_name_is_spelled_outside_the_registry(path: Path) -> None:
     'x = {"add": 1}',
     'def __getattr__(self, name):\n    return record("grad") if name == "x" else None',
     'def method(self, name):\n    if name == "grad": pass',
+    'EXPORTS = ["save", "log"]',
+    '__all__ = record("save")',
 ])
 def test_the_check_finds_op_names(source: str) -> None:
     assert op_literals(source), source
@@ -142,6 +147,7 @@ def test_the_check_finds_op_names(source: str) -> None:
     'dtype = str(d).removeprefix("torch.")',
     '"""read"""',
     'def __setattr__(self, name, value):\n    if name == "grad": pass',
+    '__all__ = ["save", "list", "log"]',
 ])
 def test_the_check_leaves_other_strings_alone(source: str) -> None:
     assert op_literals(source) == [], source
