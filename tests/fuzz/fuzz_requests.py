@@ -191,12 +191,14 @@ def messages_for(document: bytes, *, model: str = MODEL, ir_version: int = IR_VE
     return [header, *chunks]
 
 
-def call_execute(stub: pb_grpc.FarscopeStub, messages: list[pb.ExecuteRequest], *, timeout: float = 60) -> Outcome:
-    """Run one Execute call to its end: the status, and on OK the saved values."""
+def call_execute(stub: pb_grpc.FarscopeStub, messages: list[pb.ExecuteRequest], *, timeout: float = 60,
+                 metadata: tuple[tuple[str, str], ...] = ()) -> Outcome:
+    """Run one Execute call to its end: the status, and on OK the saved values. `metadata`: e.g. an
+    API key, as `(("authorization", "Bearer <key>"),)`."""
     blobs: list[bytearray] = []
     done = False
     try:
-        for event in stub.Execute(iter(messages), timeout=timeout):
+        for event in stub.Execute(iter(messages), timeout=timeout, metadata=metadata):
             kind = event.WhichOneof("event")
             if kind == "result":
                 blobs = [bytearray(size) for size in event.result.blob_sizes]
