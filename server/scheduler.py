@@ -15,18 +15,19 @@ Let ``P`` be the longest pass: a pass stops at its next hook once it has run ``m
 ``P`` is that limit plus one hook's worth of work (a whole generation is one pass). Passes are not
 preempted. A job ``j`` of user ``B``, submitted when ``B`` has no other job queued, starts after at most
 
-    R + sum over every other user u that has jobs queued while j waits of (d_B + P_u)
+    R + sum, over the other users u served before j, of (d_B + P_u)
 
-of model time, where ``R <= P`` is what remains of the pass running when ``j`` arrives, ``P_u <= P``
-is one pass of ``u``, and ``d_B`` is ``B``'s debt: how far ``B``'s service is ahead of ``V`` when ``j``
-arrives, at most the time of ``B``'s own previous pass, and 0 once any other pass has started since
-``B``'s previous one ended. With no debt the bound is ``R`` plus one pass for each user that is tied
-with ``B`` at ``V`` and ahead of it in turn order (users that arrived, idle, before ``B``), and
-nothing at all for a user with any service behind it: **another user's long jobs, however many,
-delay a debt-free job by at most the one pass already running.** Later jobs of ``B`` (``B`` keeps
-its queue) are served in step with the others: any two users that keep jobs queued are never more
-than one pass ``P`` apart in service, so ``B``'s many short jobs run before an attacker's next long
-one until their summed time catches up with that long pass.
+of model time, where ``R <= P`` is what remains of the pass running when ``j`` arrives and ``P_u <= P``
+is one pass of ``u``. ``d_B`` is ``B``'s debt, how far ``B``'s service is ahead of ``V`` when ``j``
+arrives: at most the charge of ``B``'s own previous pass, shrinking as the others are served. A user
+``u`` is served before ``j`` only while its service is below ``B``'s, so for at most ``d_B`` plus the one
+pass that takes it past ``B``. With no debt, that leaves ``R`` plus one pass of each user tied with ``B``
+at ``V`` and ahead of it in turn order: users that joined from idle just before ``B`` and were not
+served since. A user that keeps its queue full is never among them (its running pass is charged before
+the next choice), so **another user's long jobs, however many, delay a debt-free job by at most the one
+pass already running.** After that, ``B``'s further jobs are served in step with the others: two users
+that both keep jobs queued are never more than one pass ``P`` apart in service, so ``B``'s short jobs run
+before an attacker's next long one until their summed time catches up with its last long pass.
 
 Companions: with co-batching, queued jobs whose batch keys equal the chosen job's (queue heads of any
 user) join its pass; they add to that pass's time and are charged their share of it.
@@ -195,11 +196,11 @@ class Scheduler:
             user = min(self._queues, key=lambda u: self._service.get(u, self._virtual))  # first of equals
             queue = self._queues.pop(user)
             job = queue.popleft()
+            self._taken = (job,)  # from here on, the supervisor fails it if the worker fails
             if queue:
                 self._queues[user] = queue  # re-inserted last: among equals, the others go first
             self._virtual = max(self._virtual, self._service.get(user, self._virtual))
             jobs = [job, *self._companions(job)]
-            self._taken = tuple(jobs)
             self._forget_idle()
             return jobs
 
@@ -227,7 +228,7 @@ class Scheduler:
         self._keys.pop(first.id, None)
         if key is None:
             return []
-        taken: list[Job] = []
+        taken: list[Job] = []  # each also in `_taken` at once: if anything fails here, it is not lost
         progress = True
         while progress and len(taken) + 1 < self.max_batch:
             progress = False
@@ -236,6 +237,7 @@ class Scheduler:
                 if queue[0].cancelled.is_set() or self._key(queue[0]) != key:
                     continue
                 taken.append(queue.popleft())
+                self._taken += (taken[-1],)
                 self._keys.pop(taken[-1].id, None)
                 if not queue:
                     del self._queues[user]

@@ -71,6 +71,8 @@ class FakeReplica:
         return [job.payload for job in jobs]
 
     def batch_key(self, job: Job) -> Hashable | None:
+        if job.payload == "keybug":
+            raise WorkerBug("escapes while the next pass is chosen")
         if self.key_error:
             raise ValueError("cannot measure the inputs")
         return "same" if job.payload.startswith("small") else None
@@ -278,6 +280,22 @@ def test_a_bug_in_the_schedulers_own_code_fails_the_pass_not_the_worker(replica,
         scheduler.submit(second)
         assert second.wait(WAIT) and second.result == "second"
         health.wait_for([False, True])
+    finally:
+        scheduler.close(timeout=WAIT)
+
+
+def test_a_failure_while_choosing_the_next_pass_fails_the_job_taken(replica):
+    scheduler, health = _supervised(replica)
+    try:
+        chosen = _job("keybug", "mallory")
+        scheduler.submit(chosen)
+        assert chosen.wait(WAIT), "a job taken from the queue was lost with the failure"
+        assert "escapes while the next pass is chosen" in chosen.error.message
+        after = _job("after", "bob")
+        scheduler.submit(after)
+        assert after.wait(WAIT) and after.result == "after"
+        health.wait_for([False, True])
+        assert scheduler.depth == 0 and scheduler.healthy
     finally:
         scheduler.close(timeout=WAIT)
 
