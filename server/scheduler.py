@@ -12,7 +12,8 @@ virtual time ``V``: the service of the user it picked last. A user whose queue w
 Bound (the one the README states)
 ---------------------------------
 Let ``P`` be the longest pass: a pass stops at its next hook once it has run ``max_wall_seconds``, so
-``P`` is that limit plus one hook's worth of work (a whole generation is one pass). Passes are not
+``P`` is that limit plus the work between two hooks (a whole generation is one pass; the work between
+hooks is bounded only as far as each op's cost is bounded before it runs). Passes are not
 preempted. A job ``j`` of user ``B``, submitted when ``B`` has no other job queued, starts after at most
 
     R + sum, over the other users u served before j, of (d_B + P_u)
@@ -38,7 +39,8 @@ The worker thread is the only one that runs model work for its replica. A job's 
 a pass raises as an ``Exception``) fails that job and the worker goes on. Anything else escaping the
 worker's loop (a bug of ours, or a ``BaseException`` from below) is logged with its traceback; the jobs
 taken for the pass in progress fail with a clear error; ``healthy`` turns False; the loop restarts (after
-a short back-off that grows while it keeps failing) and ``healthy`` turns True once it serves again.
+a short back-off that doubles, up to MAX_BACKOFF, while it keeps failing without serving a pass) and
+``healthy`` turns True as it takes jobs again. Queued jobs wait meanwhile; none is lost.
 ``on_health`` is called from the worker thread on every change (and False once the worker stops after
 `close`), so that a server can answer NOT_SERVING meanwhile.
 """
