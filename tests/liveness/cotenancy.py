@@ -149,12 +149,16 @@ class CoTenancy:
             health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout).status
         return status
 
-    def honest_loop(self, stop: threading.Event, *, deadline: float, max_requests: int = 2000) -> Tenancy:
+    def honest_loop(self, stop: threading.Event, *, deadline: float, ready: threading.Event | None = None,
+                    max_requests: int = 2000) -> Tenancy:
         """The honest co-tenant: its small trace again and again until `stop` (then at least three more,
-        served after the attack), `deadline` or `max_requests`."""
+        served after the attack), `deadline` or `max_requests`. `ready` is set once it is connected and
+        warm: the attack starts then, so that every honest call it can delay is timed."""
         seen = Tenancy()
         with self.model("honest") as model:
             honest_trace(model)  # connected, described: its first call is not a latency
+            if ready is not None:
+                ready.set()
             while len(seen.latencies) < max_requests and time.monotonic() < deadline:
                 if stop.is_set():
                     if seen.after >= 3:

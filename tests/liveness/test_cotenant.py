@@ -83,13 +83,14 @@ class Verdict:
 def under_attack(cot: CoTenancy, name: str, attack: Callable[[], None], *, allowance: float) -> Verdict:
     """Run `attack` while the honest co-tenant loops; check (a)-(d) of the module docstring."""
     rss_before = resident_bytes()
-    stop = threading.Event()
+    stop, ready = threading.Event(), threading.Event()
     seen: list[Tenancy] = []
     honest = threading.Thread(target=lambda: seen.append(cot.honest_loop(
-        stop, deadline=time.monotonic() + ATTACK_DEADLINE)), name="honest", daemon=True)
+        stop, deadline=time.monotonic() + ATTACK_DEADLINE, ready=ready)), name="honest", daemon=True)
     honest.start()
     problems: list[str] = []
     try:
+        assert ready.wait(30), "the honest co-tenant could not start"
         attack()
     except Exception as e:  # noqa: BLE001 - the attack's own failure is reported with the rest
         problems.append(f"the attack itself raised {type(e).__name__}: {e}"[:500])
