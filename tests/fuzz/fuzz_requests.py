@@ -21,9 +21,10 @@ Every payload goes through `codec.decode` + `validate` in-process (as the server
 `stride`-th one (at least `--grpc` of them) and every one that validates is also sent over gRPC as an
 Execute call: mostly with a valid header and random chunking (1-byte chunks included), sometimes with a
 hostile header (announcing more or fewer bytes than sent, or too many; unknown model; wrong IR
-version; no header; two headers; nothing at all). Every `--check-every` calls the health service must
-say SERVING and a known request must return exactly the values it returned before fuzzing (which
-match a plain PyTorch-hooks reference).
+version; no header; two headers; nothing at all). Every `--check-every` calls (every call in the smoke
+test) a liveness check runs: the replica's worker healthy, the health service SERVING, and a known
+request returning exactly the values it returned before fuzzing (which match a plain PyTorch-hooks
+reference).
 
 A *crash* is any of:
 
@@ -34,7 +35,7 @@ A *crash* is any of:
   in particular OK for a document that validation rejects;
 - an error without the `farscope-error` trailer naming a class that maps to the status sent, or with
   an empty message or one over 8 KiB (gRPC's soft metadata limit: such errors get lost on the way);
-- a failed health or known-values check.
+- a failed liveness check (worker, health or known values).
 
 Prints payload counts, the status code histogram, crashes and elapsed time; exits 1 if there was any
 crash. Crashing payloads are written to `--crash-dir`. Importable: `run()` is what the smoke test calls.
@@ -191,12 +192,14 @@ def messages_for(document: bytes, *, model: str = MODEL, ir_version: int = IR_VE
     return [header, *chunks]
 
 
-def call_execute(stub: pb_grpc.FarscopeStub, messages: list[pb.ExecuteRequest], *, timeout: float = 60) -> Outcome:
-    """Run one Execute call to its end: the status, and on OK the saved values."""
+def call_execute(stub: pb_grpc.FarscopeStub, messages: list[pb.ExecuteRequest], *, timeout: float = 60,
+                 metadata: tuple[tuple[str, str], ...] = ()) -> Outcome:
+    """Run one Execute call to its end: the status, and on OK the saved values. `metadata`: e.g. an
+    API key, as `(("authorization", "Bearer <key>"),)`."""
     blobs: list[bytearray] = []
     done = False
     try:
-        for event in stub.Execute(iter(messages), timeout=timeout):
+        for event in stub.Execute(iter(messages), timeout=timeout, metadata=metadata):
             kind = event.WhichOneof("event")
             if kind == "result":
                 blobs = [bytearray(size) for size in event.result.blob_sizes]
@@ -590,8 +593,9 @@ class Report:
 class _Fuzzer:
     def __init__(self, replica: Any, stub: pb_grpc.FarscopeStub, health: health_pb2_grpc.HealthStub,
                  baseline: tuple[torch.Tensor, torch.Tensor], report: Report, *, rng: random.Random, stride: int,
-                 check_every: int, timeout: float, log: Callable[[str], None]) -> None:
+                 check_every: int, timeout: float, log: Callable[[str], None], scheduler: Any = None) -> None:
         self.replica, self.stub, self.health, self.baseline = replica, stub, health, baseline
+        self.scheduler = scheduler  # the replica's, when the server runs in this process: its worker is checked
         self.report, self.rng, self.stride, self.check_every, self.timeout = report, rng, stride, check_every, timeout
         self.log = log
         self.paths = replica.module_paths
@@ -696,6 +700,10 @@ class _Fuzzer:
             self.crash(kind, family, f"in-process {verdict} ({want}), server {code}: {outcome.details}", data)
 
     def check(self, when: str) -> None:
+        """Liveness after fuzzing: the worker healthy, health SERVING, the known request's exact values."""
+        if self.scheduler is not None and not (self.scheduler.healthy and self.scheduler.alive):
+            self.crash("worker", "check", f"{when}: the replica's worker is not healthy", b"")
+            return
         for service in ("", "farscope.v1.Farscope"):
             try:
                 status = self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=30).status
@@ -779,7 +787,8 @@ def run(count: int, seed: int, *, grpc_count: int | None = None, spec: Any = Non
             raise RuntimeError("the server's values differ from the plain PyTorch reference")
         rng = random.Random(seed)
         fuzzer = _Fuzzer(replica, stub, health, baseline, report, rng=rng, stride=max(1, count // grpc_count),
-                         check_every=check_every, timeout=timeout, log=log)
+                         check_every=check_every, timeout=timeout, log=log,
+                         scheduler=server.engine.schedulers[spec.name])
         seeds = seed_documents(replica.module_paths)
         report.seeds = len(seeds)
         for document in seeds:  # the mutation corpus must hold real, runnable requests

@@ -1,4 +1,6 @@
-"""The request fuzzer (fuzz_requests.py) as an ordinary test: a small run must find nothing.
+"""The request fuzzer (fuzz_requests.py) as an ordinary test: a small run must find nothing, and every
+payload it sends to the server is followed by a liveness check (the worker healthy, health SERVING, a
+small known trace served with exactly its values).
 
 The full run is `python tests/fuzz/fuzz_requests.py --count 100000 --seed 0`. The tests below also make
 sure that its oracle is not vacuous: each kind of misbehaviour it looks for is reported as a crash.
@@ -17,7 +19,7 @@ from farscope.interventions import codec
 def test_a_small_fuzz_run_finds_no_crash(tiny_spec, one_torch_thread: None) -> None:
     lines: list[str] = []
     spec = tiny_spec("llama", name=fz.MODEL, limits=fz.fuzz_limits())
-    report = fz.run(2000, seed=0, grpc_count=200, spec=spec, check_every=100, log=lines.append)
+    report = fz.run(2000, seed=0, grpc_count=200, spec=spec, check_every=1, log=lines.append)
     text = report.format()
     assert not report.crashes, text
     assert report.sent == 2000 and report.grpc_sent >= 200, text
@@ -25,7 +27,7 @@ def test_a_small_fuzz_run_finds_no_crash(tiny_spec, one_torch_thread: None) -> N
     # deep enough: some documents validate and run, and the server says so
     assert report.verdicts["accepted"] > 0 and report.codes["OK"] > 0, text
     assert report.seeds_ok == report.seeds > 10, text
-    assert report.checks >= 2, text
+    assert report.checks == report.grpc_sent + 1, text  # after every call, and once at the end
 
 
 def test_the_same_seed_makes_the_same_payloads() -> None:
@@ -110,3 +112,12 @@ def test_an_exception_escaping_decode_or_validate_is_a_crash(judge: Any, monkeyp
     monkeypatch.setattr(fz, "validate", lambda *args, **kwargs: {}["boom"])
     assert judge.local_verdict("random", codec.encode({"version": 1})) == "CRASH"
     assert _kinds(judge) == ["in-process exception"]
+
+
+def test_an_unhealthy_worker_fails_the_liveness_check(judge: Any) -> None:
+    class Dead:
+        healthy = False
+        alive = False
+    judge.scheduler = Dead()
+    judge.check("after a payload")
+    assert _kinds(judge) == ["worker"] and judge.report.checks == 0
