@@ -71,6 +71,7 @@ class Job:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
     _payload_bytes: int = field(default=0, repr=False)
+    _text_bytes: int = field(default=0, repr=False)  # of its events' texts, kept as they are emitted
 
     def __post_init__(self) -> None:
         self._payload_bytes = _held_bytes(self.payload)
@@ -79,7 +80,7 @@ class Job:
     def nbytes(self) -> int:
         """The memory this job holds: its request until it finishes, its results, events and error text."""
         with self._lock:
-            events = sum(len(e.text) for e in self._events)
+            events = self._text_bytes
             error = len(str(self.error)) if self.error is not None else 0
         payload = self._payload_bytes if self.payload is not None else 0
         results = self.result.nbytes if self.result is not None else 0
@@ -112,6 +113,7 @@ class Job:
                 # worker running it, if still running after a cancel, holds its own reference.)
                 self.payload = None
             self._events.append(event)
+            self._text_bytes += len(event.text)
             listeners = list(self._listeners)
         if event.kind in TERMINAL:
             self._done.set()
