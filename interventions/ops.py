@@ -34,6 +34,10 @@ __all__ = [
     "READ", "WRITE", "SKIP", "CALL_MODULE", "GRAD", "SET_GRAD", "BACKWARD", "STOP", "LOG", "SAVE",
     "GETATTR", "FIELD", "SETITEM",
     "OpSpec",
+    "SAME", "BROADCAST", "CONCAT", "GROWS",
+    "MAX_INT_BITS", "MAX_SEQUENCE_LENGTH", "MAX_TENSOR_PIECES",
+    "ValueSize",
+    "broadcast_numel",
     "REGISTRY",
     "TENSOR_ATTRIBUTES",
     "HOOK_POINTS",
@@ -76,6 +80,39 @@ TENSOR_ATTRIBUTES = frozenset(
 # (args, kwargs) -> element count of the result, or None when the arguments do not say
 SizeRule = Callable[[tuple[Any, ...], dict[str, Any]], int | None]
 
+# How an op's tensor output relates to its tensor inputs (OpSpec.output_size). The guard turns it into a
+# cheap upper bound on the bytes the op allocates; only where that bound is over the limit does it infer
+# the exact output on meta tensors, so ordinary small ops cost a few comparisons.
+SAME = "same"  # no more elements than its largest tensor input (dtype aside): elementwise, reductions, views
+BROADCAST = "broadcast"  # elementwise over its tensor inputs broadcast together (x[:, None] + y[None])
+CONCAT = "concat"  # as many elements as its tensor inputs together (cat, stack)
+GROWS = "grows"  # may outgrow its inputs, by their shapes or by numbers given as data (outer, pad, x[idx])
+
+# Plain Python values an op makes (ints, strings, lists, tuples) are bounded as tensors are: an int by
+# its bit length, a sequence by its element count, nested ones counted whole (a list holding one list
+# a million times holds a million million elements, for str(), torch.tensor() or the codec): the
+# numbers, tensors and characters inside, an empty sequence counting as one.
+MAX_INT_BITS = 64 * 1024
+MAX_SEQUENCE_LENGTH = 2**20
+# A tensor in a tuple (split, unbind) costs far more than a list slot: the pieces one op makes.
+MAX_TENSOR_PIECES = MAX_SEQUENCE_LENGTH // 16
+
+
+@dataclass(frozen=True)
+class ValueSize:
+    """What an operator op on plain Python values would make, from its arguments, before it runs:
+    the bit length of an int, the element count of a sequence, the tensors of a tuple, or why it
+    cannot be bounded."""
+
+    bits: int = 0
+    length: int = 0
+    pieces: int = 0  # tensors in a tuple (split, chunk, unbind), bounded by MAX_TENSOR_PIECES
+    unbounded: str = ""  # non-empty: the op cannot be bounded before it runs, and is refused
+
+
+# (args, kwargs) -> the Python value's size, or None when the op makes no unbounded Python value
+ValueRule = Callable[[tuple[Any, ...], dict[str, Any]], ValueSize | None]
+
 
 @dataclass(frozen=True)
 class OpSpec:
@@ -93,9 +130,13 @@ class OpSpec:
     - ``solo``: its effect reaches beyond its own invoke's rows, or ends or reports on the whole
       pass, so a graph holding it never shares a batched forward pass with other requests.
     - ``keywords``: the keywords it accepts; None: any (they are passed on to ``fn`` or the module).
-    - ``size_rule``: for ops that allocate from sizes given as data (``torch.zeros(10**12)``): the
-      element count of the result computed from ``(args, kwargs)`` before running, or None when the
-      arguments do not say. Ops without a rule are sized by their inputs.
+    - ``size_rule``: for ops that allocate from sizes given as data (``torch.zeros(10**12)``), or whose
+      output size depends on data (``one_hot`` without ``num_classes``): the element count of the
+      result computed from ``(args, kwargs)`` before running, or None when the arguments do not say.
+    - ``output_size``: how its tensor output follows its tensor inputs (SAME, BROADCAST, GROWS); the
+      guard bounds it from their shapes, inferring it on meta tensors where the bound is not enough.
+    - ``value_rule``: for operators on plain Python values (``pow(10, 10**7)``, ``"x" * 10**10``): the
+      size of what they would make, computed before running (see `ValueSize`).
     """
 
     name: str
@@ -111,6 +152,8 @@ class OpSpec:
     solo: bool = False
     keywords: frozenset[str] | None = None
     size_rule: SizeRule | None = None
+    output_size: str = SAME
+    value_rule: ValueRule | None = None
 
 
 def _field(obj: Any, key: str) -> Any:
@@ -217,6 +260,109 @@ def _size_of_repeat(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None
     return None if factors is None else args[0].numel() * factors
 
 
+def _tensor_arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str) -> Any:
+    return args[index] if len(args) > index else kwargs.get(name)
+
+
+def _size_of_one_hot(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    # F.one_hot(x, num_classes=-1): without a class count, the classes are x.max() + 1 (one reduction)
+    x, classes = _tensor_arg(args, kwargs, 0, "tensor"), _tensor_arg(args, kwargs, 1, "num_classes")
+    if not isinstance(x, torch.Tensor) or x.is_floating_point() or x.is_complex():
+        return None
+    if classes is None or classes == -1:
+        classes = int(x.max()) + 1 if x.numel() else 0
+    return x.numel() * classes if isinstance(classes, int) else None
+
+
+def _size_of_repeat_interleave(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    # x.repeat_interleave(repeats, dim): with a tensor of repeats, the output follows their sum
+    x, repeats = _tensor_arg(args, kwargs, 0, "input"), _tensor_arg(args, kwargs, 1, "repeats")
+    dim = _tensor_arg(args, kwargs, 2, "dim")
+    if not isinstance(x, torch.Tensor):
+        return None
+    if isinstance(repeats, torch.Tensor):
+        if repeats.is_floating_point() or repeats.numel() == 0:
+            return None
+        total = int(repeats.sum()) if repeats.numel() > 1 else int(repeats) * (
+            x.numel() if dim is None else x.shape[dim])
+    elif isinstance(repeats, int):
+        total = repeats * (x.numel() if dim is None else x.shape[dim])
+    else:
+        return None
+    if dim is None:
+        return total
+    return total * (x.numel() // max(x.shape[dim], 1))
+
+
+def _size_of_diag(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    # torch.diag(v, k): a vector of n makes an (n + |k|)-square matrix (more than its inputs' product)
+    x, offset = _tensor_arg(args, kwargs, 0, "input"), _tensor_arg(args, kwargs, 1, "diagonal") or 0
+    if not isinstance(x, torch.Tensor) or x.dim() != 1 or not isinstance(offset, int):
+        return None
+    return (x.numel() + abs(offset)) ** 2
+
+
+_BASIC_INDEX = (int, slice, type(None), type(Ellipsis))
+
+
+def _size_of_getitem(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    # x[:, -1] and the like are views, allocating nothing; x[[0, 0, ...]] or x[index_tensor] picks rows
+    # (sized here: torch would first turn a long index list into a tensor, element by element, on meta
+    # too); other mixes of indices are sized by the guard
+    x, index = args[0], args[1] if len(args) > 1 else None
+    if not isinstance(x, torch.Tensor):
+        return None
+    if isinstance(index, _BASIC_INDEX) or type(index) is tuple and all(isinstance(i, _BASIC_INDEX) for i in index):
+        return 0
+    if x.dim() == 0:
+        return None
+    row = x.numel() // max(x.shape[0], 1)
+    if type(index) is list and all(type(i) is int for i in index):
+        return len(index) * row
+    if isinstance(index, torch.Tensor) and not index.is_floating_point():
+        return x.numel() if index.dtype == torch.bool else index.numel() * row
+    return None
+
+
+def broadcast_numel(*shapes: tuple[int, ...]) -> int | None:
+    """The element count of `shapes` broadcast together, or None if they do not broadcast. Plain
+    arithmetic: torch.broadcast_shapes costs ten times more, on every op of the hot path."""
+    ndim = max(len(s) for s in shapes)
+    numel = 1
+    for i in range(1, ndim + 1):
+        size = 1
+        for s in shapes:
+            d = s[-i] if i <= len(s) else 1
+            if d != 1:
+                if size not in (1, d):
+                    return None
+                size = d
+        numel *= size
+    return numel
+
+
+def _size_of_matmul(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    # a @ b, mm, bmm: broadcast batch dimensions times rows of a times columns of b (shape arithmetic only)
+    a = args[0] if args else kwargs.get("input")
+    b = args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2"))
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dim() < 1 or b.dim() < 1:
+        return None
+    rows = a.shape[:-1] if a.dim() > 1 else torch.Size()
+    cols = b.shape[-1:] if b.dim() > 1 else torch.Size()
+    batch = broadcast_numel(tuple(rows[:-1]), tuple(b.shape[:-2])) if a.dim() > 2 or b.dim() > 2 else 1
+    if batch is None:
+        return None  # the op raises its own error
+    return batch * (rows[-1] if rows else 1) * (cols[0] if cols else 1)
+
+
+def _size_of_linear(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    # F.linear(x, weight): x's rows times the weight's output features
+    x, weight = _tensor_arg(args, kwargs, 0, "input"), _tensor_arg(args, kwargs, 1, "weight")
+    if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)) or x.dim() < 1:
+        return None
+    return x.shape[:-1].numel() * (weight.shape[0] if weight.dim() == 2 else 1)
+
+
 _SIZE_RULES: dict[str, SizeRule] = {
     "torch.zeros": _size_is_args,
     "torch.ones": _size_is_args,
@@ -231,6 +377,154 @@ _SIZE_RULES: dict[str, SizeRule] = {
     "Tensor.new_ones": _size_after_self,
     "Tensor.new_full": _size_of_new_full,
     "Tensor.repeat": _size_of_repeat,
+    "torch.nn.functional.one_hot": _size_of_one_hot,
+    "Tensor.repeat_interleave": _size_of_repeat_interleave,
+    "torch.diag": _size_of_diag,
+    "getitem": _size_of_getitem,
+    "matmul": _size_of_matmul,
+    "torch.matmul": _size_of_matmul,
+    "Tensor.matmul": _size_of_matmul,
+    "torch.mm": _size_of_matmul,
+    "Tensor.mm": _size_of_matmul,
+    "torch.bmm": _size_of_matmul,
+    "Tensor.bmm": _size_of_matmul,
+    "torch.nn.functional.linear": _size_of_linear,
+    "Tensor.diag": _size_of_diag,
+}
+
+# Ops whose output may outgrow their inputs: sized before they run (see SAME / BROADCAST / GROWS).
+_GROWS = frozenset("""
+torch.matmul Tensor.matmul matmul imatmul torch.mm Tensor.mm torch.bmm Tensor.bmm torch.einsum
+torch.outer Tensor.outer torch.kron torch.diag Tensor.diag
+torch.nn.functional.pad torch.nn.functional.one_hot torch.multinomial Tensor.repeat_interleave
+torch.nn.functional.linear torch.nn.functional.embedding torch.index_select Tensor.index_select getitem
+""".split())
+_CONCAT = frozenset("torch.cat torch.stack torch.vstack torch.hstack".split())
+_BROADCAST = frozenset("""
+add sub mul truediv floordiv mod pow and_ or_ xor lshift rshift eq ne lt le gt ge
+Tensor.add Tensor.sub Tensor.mul Tensor.div Tensor.pow Tensor.eq Tensor.ne Tensor.lt Tensor.le Tensor.gt
+Tensor.ge Tensor.where Tensor.masked_fill torch.mul torch.sub torch.pow torch.eq torch.maximum torch.minimum
+torch.where torch.masked_fill torch.isclose torch.allclose torch.cosine_similarity
+torch.nn.functional.cosine_similarity torch.nn.functional.mse_loss torch.nn.functional.kl_div
+""".split())
+
+
+# Value rules: the size of what an operator makes from plain Python values, before it runs.
+
+_SEQUENCES = (str, bytes, list, tuple)
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int)  # bool included: True * "x" is a repetition too
+
+
+def _bits(value: int) -> int:
+    return abs(value).bit_length()
+
+
+def _value_of_add(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ValueSize | None:
+    a, b = args
+    if isinstance(a, _SEQUENCES) and isinstance(b, _SEQUENCES):
+        return ValueSize(length=len(a) + len(b))
+    if _int(a) and _int(b):
+        return ValueSize(bits=max(_bits(a), _bits(b)) + 1)
+    return None
+
+
+def _value_of_mul(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ValueSize | None:
+    a, b = args
+    if isinstance(a, _SEQUENCES) and _int(b):
+        return ValueSize(length=len(a) * max(b, 0))
+    if _int(a) and isinstance(b, _SEQUENCES):
+        return ValueSize(length=len(b) * max(a, 0))
+    if _int(a) and _int(b):
+        return ValueSize(bits=_bits(a) + _bits(b))
+    return None
+
+
+def _value_of_pow(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ValueSize | None:
+    base, exponent = args
+    if not (_int(base) and _int(exponent)) or exponent < 0:  # a negative exponent makes a float
+        return None
+    if abs(base) <= 1:
+        return ValueSize(bits=1)
+    # log2 of the result, from the base's own log2 (exact for powers of two: 2**65535 has 65536 bits)
+    return ValueSize(bits=math.floor(exponent * math.log2(abs(base))) + 1)
+
+
+def _value_of_lshift(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ValueSize | None:
+    a, n = args
+    if _int(a) and _int(n) and n > 0:
+        return ValueSize(bits=_bits(a) + n if a else 0)
+    return None
+
+
+def _value_of_mod(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ValueSize | None:
+    # "%0999999999d" % 1 makes a gigabyte: printf-style widths are data, so formatting is refused
+    if isinstance(args[0], (str, bytes)):
+        return ValueSize(unbounded="string formatting with % (its widths are data) is not supported remotely")
+    return None
+
+
+def _value_of_tolist(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ValueSize | None:
+    return ValueSize(length=args[0].numel()) if isinstance(args[0], torch.Tensor) else None
+
+
+def _split_args(args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> tuple[Any, Any, Any]:
+    """(tensor, the split size / chunk count / None, dim) of split, chunk or unbind."""
+    x = args[0] if args else kwargs.get("input", kwargs.get("self"))
+    second = args[1] if len(args) > 1 else kwargs.get(name) if name else None
+    dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+    return x, second, dim
+
+
+def _dim_size(x: Any, dim: Any) -> int | None:
+    if not isinstance(x, torch.Tensor) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+        return None
+    return x.shape[dim]
+
+
+def _value_of_split(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ValueSize | None:
+    x, size, dim = _split_args(args, kwargs, "split_size_or_sections")
+    if isinstance(size, (list, tuple)):
+        return ValueSize(pieces=len(size))
+    length = _dim_size(x, dim)
+    if length is None or not isinstance(size, int) or size <= 0:
+        return None
+    return ValueSize(pieces=math.ceil(length / size))
+
+
+def _value_of_chunk(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ValueSize | None:
+    x, chunks, dim = _split_args(args, kwargs, "chunks")
+    length = _dim_size(x, dim)
+    if length is None or not isinstance(chunks, int):
+        return None
+    return ValueSize(pieces=min(max(chunks, 0), length))
+
+
+def _value_of_unbind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ValueSize | None:
+    x = args[0] if args else kwargs.get("input")
+    length = _dim_size(x, args[1] if len(args) > 1 else kwargs.get("dim", 0))
+    return None if length is None else ValueSize(pieces=length)
+
+
+_VALUE_RULES: dict[str, ValueRule] = {
+    "add": _value_of_add,
+    "iadd": _value_of_add,
+    "mul": _value_of_mul,
+    "imul": _value_of_mul,
+    "pow": _value_of_pow,
+    "ipow": _value_of_pow,
+    "lshift": _value_of_lshift,
+    "mod": _value_of_mod,
+    "imod": _value_of_mod,
+    "Tensor.tolist": _value_of_tolist,
+    "Tensor.split": _value_of_split,
+    "torch.split": _value_of_split,
+    "Tensor.chunk": _value_of_chunk,
+    "torch.chunk": _value_of_chunk,
+    "Tensor.unbind": _value_of_unbind,
+    "torch.unbind": _value_of_unbind,
 }
 
 
@@ -320,8 +614,13 @@ def _build() -> tuple[dict[str, OpSpec], dict[Any, tuple[str, bool]], dict[str, 
         assert spec.name not in registry, spec.name
         registry[spec.name] = spec
 
+    def sizing(name: str) -> dict[str, Any]:
+        output = (GROWS if name in _GROWS else BROADCAST if name in _BROADCAST else CONCAT if name in _CONCAT
+                  else SAME)
+        return {"output_size": output, "value_rule": _VALUE_RULES.get(name)}
+
     for name, (fn, dunder, rdunder) in _BINARY.items():
-        add(OpSpec(name, "operator", fn, 2, 2))
+        add(OpSpec(name, "operator", fn, 2, 2, size_rule=_SIZE_RULES.get(name), **sizing(name)))
         dunders[name] = (dunder, rdunder)
         by_callable[getattr(torch.Tensor, dunder)] = (name, False)
         if rdunder and hasattr(torch.Tensor, rdunder):
@@ -330,7 +629,7 @@ def _build() -> tuple[dict[str, OpSpec], dict[Any, tuple[str, bool]], dict[str, 
     dunders[SETITEM] = ("__setitem__", None)
     by_callable[torch.Tensor.__setitem__] = (SETITEM, False)
     for name, (fn, dunder) in _INPLACE.items():
-        add(OpSpec(name, "operator", fn, 2, 2, inplace=True))
+        add(OpSpec(name, "operator", fn, 2, 2, inplace=True, **sizing(name)))
         dunders[name] = (dunder, None)
         if hasattr(torch.Tensor, dunder):
             by_callable[getattr(torch.Tensor, dunder)] = (name, False)
@@ -341,15 +640,17 @@ def _build() -> tuple[dict[str, OpSpec], dict[Any, tuple[str, bool]], dict[str, 
 
     for method in _TENSOR_METHODS:
         fn, name = getattr(torch.Tensor, method), _METHOD_PREFIX + method
-        add(OpSpec(name, "method", fn, 1, None, inplace=method.endswith("_"), size_rule=_SIZE_RULES.get(name)))
+        add(OpSpec(name, "method", fn, 1, None, inplace=method.endswith("_"), size_rule=_SIZE_RULES.get(name),
+                   **sizing(name)))
         by_callable.setdefault(fn, (name, False))
     for function in _TORCH_FUNCTIONS:
         fn, name = getattr(torch, function), f"torch.{function}"
-        add(OpSpec(name, "function", fn, 0, None, size_rule=_SIZE_RULES.get(name)))
+        add(OpSpec(name, "function", fn, 0, None, size_rule=_SIZE_RULES.get(name), **sizing(name)))
         by_callable.setdefault(fn, (name, False))
     for function in _FUNCTIONAL:
         fn = getattr(F, function)
-        add(OpSpec(f"torch.nn.functional.{function}", "function", fn, 0, None))
+        name = f"torch.nn.functional.{function}"
+        add(OpSpec(name, "function", fn, 0, None, size_rule=_SIZE_RULES.get(name), **sizing(name)))
         by_callable.setdefault(fn, (f"torch.nn.functional.{function}", False))
 
     # Special ops, run by the executor itself (fn is None where the executor needs its own state).
@@ -373,7 +674,8 @@ def _build() -> tuple[dict[str, OpSpec], dict[Any, tuple[str, bool]], dict[str, 
     add(OpSpec(SAVE, "special", _save, 1, 1))
     add(OpSpec(GETATTR, "special", _getattr, 2, 2))
     add(OpSpec(FIELD, "special", _field, 2, 2))
-    assert set(_SIZE_RULES) <= set(registry), set(_SIZE_RULES) - set(registry)
+    for table in (_SIZE_RULES, _VALUE_RULES, _GROWS, _BROADCAST, _CONCAT):
+        assert set(table) <= set(registry), set(table) - set(registry)
     return registry, by_callable, dunders
 
 

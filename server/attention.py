@@ -13,6 +13,9 @@ implementation (sdpa, unchanged numerics) unless something hooks an `attn_probs`
 computes eager attention, passing the probabilities through the hook point, so they can be read and
 patched, and equal what the model's eager implementation returns as `output_attentions`.
 `head_out` always runs (an identity) and can be read or patched per head either way.
+
+Eager attention holds batch x heads x query x key probabilities at once (14 GB for 20,000 tokens): they
+are sized before the first matmul and refused over the replica's per-tensor limit (`max_tensor_bytes`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from farscope.interventions.errors import LimitError
 
 __all__ = ["AttentionHookPoint", "instrument", "IMPLEMENTATION"]
 
@@ -62,8 +67,21 @@ def _additive_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Te
     return torch.where(mask[..., : key.shape[-2]], zero, torch.finfo(query.dtype).min)
 
 
+def _check_size(module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> None:
+    """Refuse eager attention whose probabilities (in float32, as softmax computes them) would exceed
+    the limit, before anything of that size is allocated."""
+    limit = getattr(module, "_farscope_max_bytes", None)
+    batch, heads, queries, keys = query.shape[0], query.shape[1], query.shape[-2], key.shape[-2]
+    nbytes = batch * heads * queries * keys * torch.float32.itemsize
+    if limit is not None and nbytes > limit:
+        raise LimitError(f"reading attn_probs needs eager attention, whose probabilities [batch={batch}, "
+                         f"heads={heads}, query={queries}, key={keys}] take {nbytes} bytes, over the per-tensor "
+                         f"limit of {limit} bytes (max_tensor_bytes); use a shorter input or fewer invokes")
+
+
 def _eager(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
            attention_mask: torch.Tensor | None, scaling: float | None, dropout: float) -> tuple:
+    _check_size(module, query, key)
     # The same arithmetic, in the same order, as transformers' eager_attention_forward for Llama,
     # GPT-2 and GPT-NeoX, with the probabilities passed through `attn_probs` before they weight V.
     key = _repeat_kv(key, query.shape[1])
@@ -107,11 +125,14 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def instrument(model: nn.Module) -> int:
-    """Add attention hook points to every attention module; returns how many were instrumented."""
+def instrument(model: nn.Module, *, max_bytes: int | None = None) -> int:
+    """Add attention hook points to every attention module; returns how many were instrumented.
+    `max_bytes`: the most the eager attention probabilities of one layer may take (LimitError past it)."""
     current = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    if current == IMPLEMENTATION:
-        return len(_attention_modules(model))
+    if current.startswith(IMPLEMENTATION):
+        modules = _attention_modules(model)
+        _set_limit(modules, max_bytes)
+        return len(modules)
     if current == "eager" or current not in ALL_ATTENTION_FUNCTIONS:
         log.info("attention hook points need an sdpa-style attention; keeping %r uninstrumented", current)
         return 0
@@ -126,5 +147,11 @@ def instrument(model: nn.Module) -> int:
     for module in modules:
         # A plain tuple attribute (not submodules): each layer can see whether any layer is hooked.
         object.__setattr__(module, "_farscope_probs", points)
+    _set_limit(modules, max_bytes)
     model.config._attn_implementation = name
     return len(modules)
+
+
+def _set_limit(modules: list[nn.Module], max_bytes: int | None) -> None:
+    for module in modules:
+        object.__setattr__(module, "_farscope_max_bytes", max_bytes)

@@ -58,6 +58,8 @@ class Limits:
     - ``max_tensor_bytes``: any one value a node computes (``torch.zeros(10**12)`` is refused before
       it allocates, an oversized result as soon as it exists), so no request can exhaust memory.
     - ``max_wall_seconds``: the time a request may run.
+    - ``max_input_tokens``: the tokens one forward pass may take (rows x padded length), checked
+      before it runs, as is each row's length against the model's own context length.
     """
 
     max_request_bytes: int = 256 * 2**20
@@ -65,6 +67,7 @@ class Limits:
     max_saved_bytes: int = DEFAULT_MAX_BYTES
     max_tensor_bytes: int = DEFAULT_MAX_BYTES
     max_wall_seconds: float = 600.0
+    max_input_tokens: int = 2**16
 
     def __post_init__(self) -> None:
         _check_positive("Limits", "max_request_bytes", self.max_request_bytes, (int,))
@@ -72,6 +75,7 @@ class Limits:
         _check_positive("Limits", "max_saved_bytes", self.max_saved_bytes, (int,))
         _check_positive("Limits", "max_tensor_bytes", self.max_tensor_bytes, (int,))
         _check_positive("Limits", "max_wall_seconds", self.max_wall_seconds, (int, float))
+        _check_positive("Limits", "max_input_tokens", self.max_input_tokens, (int,))
         object.__setattr__(self, "max_wall_seconds", float(self.max_wall_seconds))
 
 

@@ -20,12 +20,12 @@ import torch
 from torch import nn
 
 from farscope.interventions import ops
-from farscope.interventions.errors import CancelledError, FarscopeError, LimitError, RemoteError
+from farscope.interventions.errors import CancelledError, FarscopeError, RemoteError
 from farscope.interventions.graph import Graph, HookPoint, Node, Ref, Segment, iter_refs, map_args
 
 from .cobatch import SharedPass, rebuild
 from .config import DEFAULT_MAX_BYTES
-from .guard import check_allocation
+from .guard import check_allocation, check_python, check_result, python_size
 
 __all__ = ["Batch", "Executor"]
 
@@ -93,6 +93,10 @@ class Executor:
             tuple(sorted({r.id for r in iter_refs((n.args, n.kwargs))})) for n in graph.nodes
         ]
         self.saved_ids = {n.id for n in graph.nodes if n.op == ops.SAVE}
+        # Plain Python values are bounded like tensors (guard.python_size): each node's value when it is
+        # made, and arguments that nest earlier values in literals ([%1, %1, ...]) before they are used.
+        self.value_sizes: dict[int, int] = {}  # node id -> elements of its non-tensor value, when over 1
+        self.nesting = {n.id for n in graph.nodes if _nests_refs((n.args, n.kwargs))}
         # Nodes run when ready, not in recording order, so a value is freed once every node using it
         # has run (not after its last user in recording order, which may run before earlier ones).
         self.uses_left: dict[int, int] = {}
@@ -239,7 +243,13 @@ class Executor:
     def _execute(self, node: Node) -> None:
         self.running.add(node.id)
         try:
+            if node.id in self.nesting:
+                python_size((node.args, node.kwargs), f"the arguments of {node.op}", self.value_sizes)
             value = self._compute(node)
+            if value is not None and not isinstance(value, torch.Tensor):
+                size = python_size(value, f"the value of {node.op}")
+                if size > 1:
+                    self.value_sizes[node.id] = size
             if node.id in self.grad_targets:
                 self._hook_gradient(node, value)
         except (FarscopeError, _StopForward) as e:
@@ -268,13 +278,11 @@ class Executor:
         spec = self.specs[node.id]
         assert spec.fn is not None, spec.name
         args, kwargs = self._resolve(node.args), self._resolve(node.kwargs)
+        # Every cost bounded before it is spent (guard.py): Python values, then tensor bytes.
+        check_python(spec, args, kwargs)
         check_allocation(spec, args, kwargs, self.max_tensor_bytes)
         value = spec.fn(*args, **kwargs)
-        # Ops whose output size follows their inputs (expand then clone, outer, pad, ...) are bounded
-        # here, after the fact: one oversized tensor fails the job before it can compound.
-        if isinstance(value, torch.Tensor) and value.nbytes > self.max_tensor_bytes:
-            raise LimitError(f"{spec.name} produced {value.nbytes} bytes, over the per-tensor limit of "
-                             f"{self.max_tensor_bytes} bytes (max_tensor_bytes)")
+        check_result(spec, value, args, kwargs, self.max_tensor_bytes)
         return value
 
     def _read(self, node: Node) -> Any:
@@ -494,6 +502,19 @@ class Executor:
         if isinstance(current, tuple) and isinstance(new, tuple) and len(current) == len(new):
             return tuple(self._write_rows(c, invoke, n) for c, n in zip(current, new, strict=True))
         raise TypeError(f"cannot write a {type(new).__name__} into rows of a {type(current).__name__}")
+
+
+def _nests_refs(args: Any) -> bool:
+    """Whether a node's arguments hold a reference inside a literal list, tuple or dict."""
+    def inside(value: Any, nested: bool) -> bool:
+        if isinstance(value, Ref):
+            return nested
+        if isinstance(value, (list, tuple)):
+            return any(inside(v, True) for v in value)
+        if isinstance(value, dict):
+            return any(inside(v, True) for v in value.values())
+        return False
+    return any(inside(a, False) for a in args[0]) or any(inside(v, False) for v in args[1].values())
 
 
 def _point(node: Node) -> str:

@@ -5,6 +5,11 @@ watchers, from any connection, replay it from the start and then follow it live.
 loop wait without a thread (`Job.watch`); listeners (`Job.subscribe`) are called on the thread that
 emitted each event. After it finishes, a job and its results stay in the `JobStore` for a time-to-live,
 so a client that disconnected or crashed fetches them by job id from a new process. No torch here.
+
+A finished job keeps only what a client can still ask for: its events and its results, or its error's
+message. It lets go of its request (the validated graph and its tensor constants) and of its error's
+traceback and chain, whose frames would keep the failed pass's intermediate tensors alive; the store
+counts every byte a job holds (`Job.nbytes`) against its bound.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import copy
 import logging
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -21,13 +27,14 @@ from typing import Any
 
 from farscope.interventions.errors import FarscopeError, LimitError
 
-__all__ = ["DEFAULT_JOB_TTL", "MAX_RESULT_BYTES", "Event", "Job", "JobStore", "TERMINAL"]
+__all__ = ["DEFAULT_JOB_TTL", "MAX_HELD_BYTES", "MAX_RESULT_BYTES", "Event", "Job", "JobStore", "TERMINAL"]
 
 log = logging.getLogger(__name__)
 
 TERMINAL = ("done", "error")
 DEFAULT_JOB_TTL = 3600.0  # seconds a finished job stays fetchable by id
-MAX_RESULT_BYTES = 4 * 2**30  # finished jobs' results held at once; the oldest go first past it
+MAX_HELD_BYTES = 4 * 2**30  # what the store's jobs hold at once; finished ones go, oldest first, past it
+MAX_RESULT_BYTES = MAX_HELD_BYTES  # its earlier name, when it counted results only
 
 
 @dataclass(frozen=True)
@@ -51,7 +58,7 @@ Listener = Callable[["Job", Event], None]
 @dataclass(eq=False)
 class Job:
     model: str
-    payload: Any  # what the replica runs (a validated graph)
+    payload: Any  # what the replica runs (a validated graph); None once the job has finished
     user: str = ""
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     submitted: float = field(default_factory=time.monotonic)
@@ -63,6 +70,21 @@ class Job:
     _listeners: list[Listener] = field(default_factory=list, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
+    _payload_bytes: int = field(default=0, repr=False)
+    _text_bytes: int = field(default=0, repr=False)  # of its events' texts, kept as they are emitted
+
+    def __post_init__(self) -> None:
+        self._payload_bytes = _held_bytes(self.payload)
+
+    @property
+    def nbytes(self) -> int:
+        """The memory this job holds: its request until it finishes, its results, events and error text."""
+        with self._lock:
+            events = self._text_bytes
+            error = len(str(self.error)) if self.error is not None else 0
+        payload = self._payload_bytes if self.payload is not None else 0
+        results = self.result.nbytes if self.result is not None else 0
+        return payload + results + events + error
 
     @property
     def state(self) -> str:
@@ -87,7 +109,11 @@ class Job:
             if event.kind in TERMINAL:
                 self.error = event.error
                 self.finished = time.monotonic()
+                # The request is spent: the graph and its constant tensors go now, not at the TTL. (The
+                # worker running it, if still running after a cancel, holds its own reference.)
+                self.payload = None
             self._events.append(event)
+            self._text_bytes += len(event.text)
             listeners = list(self._listeners)
         if event.kind in TERMINAL:
             self._done.set()
@@ -106,10 +132,15 @@ class Job:
         """End the job with `error`; anything but a FarscopeError is a bug of ours, logged and reported
         as an internal error."""
         if not isinstance(error, FarscopeError):
-            log.error("job %s: internal error", self.id, exc_info=error)
-            error = FarscopeError(f"internal server error: {type(error).__name__}: {error}")
+            # The traceback as text: a log record holding the exception (exc_info) would keep its frames.
+            log.error("job %s: internal error\n%s", self.id, "".join(traceback.format_exception(error)).rstrip())
+            internal = FarscopeError(f"internal server error: {type(error).__name__}: {error}")
+            _release(error)
+            error = internal
         elif error.job_id not in (None, self.id):
+            _release(error)
             error = copy.copy(error)  # one exception shared by the jobs of a failed shared pass
+        _release(error)
         error.job_id = self.id
         self.emit(Event("error", error=error))
 
@@ -156,13 +187,51 @@ class Job:
             unsubscribe()
 
 
+def _release(error: BaseException) -> None:
+    """Let go of what an error keeps beyond its message: its traceback (whose frames hold the failed
+    pass's locals: the executor, its values, the model's intermediate tensors) and its chain (the
+    `from` cause and the context, with their tracebacks). Called once it has been logged."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        following = current.__cause__ or current.__context__
+        current.__traceback__ = None
+        current.__cause__ = None
+        current.__context__ = None
+        current = following
+
+
+def _held_bytes(payload: Any) -> int:
+    """The bytes of a request's constants (tensors, strings) in a graph's nodes and inputs: what a job
+    holds until it has run. Duck-typed (``nbytes``), so this module stays free of torch."""
+    parts: list[Any] = []
+    for node in getattr(payload, "nodes", ()):
+        parts.extend((node.args, node.kwargs))
+    for segment in getattr(payload, "segments", ()):
+        parts.append(segment.invokes)
+    total, stack = 0, parts
+    while stack:
+        value = stack.pop()
+        if isinstance(value, (str, bytes)):
+            total += len(value)
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(getattr(value, "nbytes", None), int):
+            total += value.nbytes
+    return total
+
+
 class JobStore:
     """Jobs by id; finished ones are forgotten `ttl` seconds after they finish, or sooner (oldest
-    first) once their results together hold more than `max_result_bytes` of memory."""
+    first) once the jobs together hold more than `max_bytes` of memory (`Job.nbytes`: results,
+    events, errors, and the requests of jobs not yet finished, which are counted but never dropped)."""
 
-    def __init__(self, ttl: float = DEFAULT_JOB_TTL, max_result_bytes: int = MAX_RESULT_BYTES) -> None:
+    def __init__(self, ttl: float = DEFAULT_JOB_TTL, max_bytes: int = MAX_HELD_BYTES) -> None:
         self.ttl = ttl
-        self.max_result_bytes = max_result_bytes
+        self.max_bytes = max_bytes
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
 
@@ -188,11 +257,13 @@ class JobStore:
         expired = [i for i, j in self._jobs.items() if j.finished is not None and now - j.finished > self.ttl]
         for job_id in expired:
             del self._jobs[job_id]
-        finished = sorted((j for j in self._jobs.values() if j.finished is not None and j.result is not None),
-                          key=lambda j: j.finished)
-        held = sum(j.result.nbytes for j in finished)
+        sizes = {job_id: job.nbytes for job_id, job in self._jobs.items()}
+        held = sum(sizes.values())
+        if held <= self.max_bytes:
+            return
+        finished = sorted((j for j in self._jobs.values() if j.finished is not None), key=lambda j: j.finished)
         for job in finished:
-            if held <= self.max_result_bytes:
+            if held <= self.max_bytes:
                 break
-            held -= job.result.nbytes
+            held -= sizes[job.id]
             del self._jobs[job.id]

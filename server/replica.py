@@ -53,7 +53,7 @@ class Replica:
         # Gradients are taken with respect to activations only: weights never accumulate `.grad`,
         # which would be state shared between users.
         self.model.requires_grad_(False)
-        instrument(self.model)
+        instrument(self.model, max_bytes=loaded.spec.limits.max_tensor_bytes)
         self.tokenizer = loaded.tokenizer
         self.limits = loaded.spec.limits
         self.modules = [(path, type(m).__name__) for path, m in self.model.named_modules()]
@@ -183,7 +183,8 @@ class Replica:
 
     def _run(self, graph: Graph, *, shared: cobatch.SharedPass | None = None, **callbacks: Any) -> dict[int, Any]:
         def batch_for(segment: Segment) -> Batch:
-            return build_batch(self.model, self.tokenizer, segment.invokes, segment.mode)
+            return build_batch(self.model, self.tokenizer, segment.invokes, segment.mode,
+                               max_tokens=self.limits.max_input_tokens)
         with self._lock:
             return Executor(self.model, graph, batch_for, max_tensor_bytes=self.limits.max_tensor_bytes,
                             shared=shared, **callbacks).run()

@@ -533,7 +533,8 @@ def test_op_properties_are_consistent():
         assert spec.kind == "special" or not any(where), f"{spec.name}: only special ops run at hooks or alone"
         assert not spec.hooked or spec.hook_points, f"{spec.name}: a hooked op names the points it runs at"
         assert not spec.on_gradient or spec.gradient_target, f"{spec.name}: runs at its target's gradient"
-        assert spec.size_rule is None or spec.kind in ("function", "method"), spec.name
+        assert spec.size_rule is None or spec.kind in ("function", "method", "operator"), spec.name
+        assert spec.value_rule is None or spec.kind in ("operator", "function", "method"), spec.name
         assert spec.fn is not None or spec.kind == "special", spec.name
 
 
@@ -658,3 +659,47 @@ def test_inplace_method_on_a_module_output_edits_the_forward_pass(tiny):
         handle.remove()
     assert_same(logits.value, ref)
 
+
+
+def test_sizing_properties_are_known_values():
+    for spec in ops.REGISTRY.values():
+        assert spec.output_size in (ops.SAME, ops.BROADCAST, ops.CONCAT, ops.GROWS), spec.name
+
+
+def test_size_rules_of_outputs_that_follow_data_equal_torch():
+    x, ids = torch.randn(4, 6), torch.tensor([[1, 4], [0, 2]])
+    cases = [
+        ("torch.nn.functional.one_hot", (ids,), {}), ("torch.nn.functional.one_hot", (ids, 9), {}),
+        ("Tensor.repeat_interleave", (x, 3), {}), ("Tensor.repeat_interleave", (x, 2), {"dim": 1}),
+        ("Tensor.repeat_interleave", (x, torch.tensor([2, 0, 1, 3]), 0), {}),
+        ("torch.diag", (torch.randn(5),), {}), ("torch.diag", (torch.randn(5), -2), {}),
+        ("Tensor.diag", (torch.randn(3), 1), {}),
+        ("matmul", (torch.randn(2, 1, 3, 4), torch.randn(5, 4, 7)), {}), ("torch.mm", (x, x.T), {}),
+        ("Tensor.matmul", (torch.randn(4), torch.randn(3, 4, 2)), {}), ("torch.bmm", (x[None], x.T[None]), {}),
+        ("torch.nn.functional.linear", (torch.randn(2, 3, 6), torch.randn(5, 6)), {}),
+        ("getitem", (x, [0, 0, 3, 1, 1]), {}), ("getitem", (x, torch.tensor([[1, 2], [3, 3]])), {}),
+    ]
+    for op, args, kwargs in cases:
+        spec = ops.REGISTRY[op]
+        assert spec.size_rule(args, kwargs) == spec.fn(*args, **kwargs).numel(), (op, args, kwargs)
+    assert ops.REGISTRY["getitem"].size_rule((x, (slice(None), -1)), {}) == 0  # a view allocates nothing
+
+
+def test_value_rules_bound_what_python_makes():
+    cases = [("pow", (7, 123)), ("pow", (-3, 40)), ("mul", (12345, -678)), ("lshift", (5, 77)), ("add", (2**70, 2**70)),
+             ("mul", ("ab", 3)), ("mul", (4, [1, 2])), ("add", ((1,), (2, 3))), ("iadd", ([1], [2])),
+             ("imul", ([1, 2], 0))]
+    for op, args in cases:
+        spec = ops.REGISTRY[op]
+        size, value = spec.value_rule(args, {}), spec.fn(*args)
+        if isinstance(value, int):
+            assert abs(value).bit_length() <= size.bits <= abs(value).bit_length() + 1, (op, args)
+        else:
+            assert size.length == len(value), (op, args)
+    assert ops.REGISTRY["Tensor.tolist"].value_rule((torch.zeros(3, 4),), {}).length == 12
+    x = torch.zeros(10, 3)
+    for op, args, kwargs in [("Tensor.split", (x, 3), {}), ("torch.split", (x, [2, 8]), {}),
+                             ("Tensor.chunk", (x, 4), {}), ("torch.chunk", (x, 20), {}),
+                             ("Tensor.unbind", (x, 1), {}), ("torch.unbind", (x,), {})]:
+        spec = ops.REGISTRY[op]
+        assert spec.value_rule(args, kwargs).pieces >= len(spec.fn(*args, **kwargs)), (op, args)
