@@ -146,9 +146,12 @@ class Admission:
         return self.replica.limits.max_request_bytes
 
     def check_size(self, received: int) -> None:
-        """Raise LimitError as soon as the body read so far is over the limit."""
+        """Raise as soon as the body read so far is over the limit, or over what its header announced
+        (a client announcing 1 KB must not make the server buffer megabytes before it is refused)."""
         if received > self.max_bytes:
             raise LimitError(f"request exceeds max_request_bytes={self.max_bytes}")
+        if received > self.header.graph_bytes:
+            raise ValidationError(f"the header announced {self.header.graph_bytes} graph bytes; more arrived")
 
 
 def _quote(text: str) -> str:

@@ -80,8 +80,10 @@ class Verdict:
                 f"RSS {self.rss_before / 2**20:.0f} -> {self.rss_after / 2**20:.0f} MiB")
 
 
-def under_attack(cot: CoTenancy, name: str, attack: Callable[[], None], *, allowance: float) -> Verdict:
-    """Run `attack` while the honest co-tenant loops; check (a)-(d) of the module docstring."""
+def under_attack(cot: CoTenancy, name: str, attack: Callable[[], None], *, allowance: float,
+                 held: int = 0) -> Verdict:
+    """Run `attack` while the honest co-tenant loops; check (a)-(d) of the module docstring. `held`:
+    bytes the server may keep by design after this attack, on top of RSS_MARGIN (stated per attack)."""
     rss_before = resident_bytes()
     stop, ready = threading.Event(), threading.Event()
     seen: list[Tenancy] = []
@@ -115,11 +117,12 @@ def under_attack(cot: CoTenancy, name: str, attack: Callable[[], None], *, allow
             problems.append("(c) health is not SERVING")
     except grpc.RpcError as e:
         problems.append(f"(c) the health check failed: {e.code().name}")
-    _until(lambda: resident_bytes() - rss_before <= RSS_MARGIN, 3.0)  # let freed memory settle
+    margin = RSS_MARGIN + held
+    _until(lambda: resident_bytes() - rss_before <= margin, 3.0)  # let freed memory settle
     rss_after = resident_bytes()
-    if rss_after - rss_before > RSS_MARGIN:
+    if rss_after - rss_before > margin:
         problems.append(f"(d) resident memory {(rss_after - rss_before) / 2**20:+.0f} MiB after the attack "
-                        f"(margin {RSS_MARGIN / 2**20:.0f} MiB)")
+                        f"(margin {margin / 2**20:.0f} MiB)")
     verdict = Verdict(name, tenancy, bound, allowance, rss_before, rss_after, problems)
     print(verdict.line())
     return verdict
@@ -295,13 +298,28 @@ def test_oversized_and_malformed_payloads(cotenancy):
         call(fz.messages_for(b"\x00" * (limit + 1), model=MODEL, announced=100, chunk_sizes=[8 * 2**20] * 9))
         for _ in range(3):
             call(fz.messages_for(heavy, model=MODEL, chunk_sizes=[4 * 2**20] * 11))
-    verdict = under_attack(cotenancy, "oversized/malformed payloads", attack, allowance=0.5)
-    if codes[:4] != ["RESOURCE_EXHAUSTED", "INVALID_ARGUMENT", "INVALID_ARGUMENT", "INVALID_ARGUMENT"] and \
-            not all(code in ("RESOURCE_EXHAUSTED", "INVALID_ARGUMENT") for code in codes[:4]):
-        verdict.problems.append(f"malformed payloads answered {codes[:4]}")
-    if codes[4:] != ["OK"] * 3:
-        verdict.problems.append(f"the heavy valid requests answered {codes[4:]}")
-    _check(verdict)
+
+    def answered_as_expected(verdict: Verdict) -> None:
+        if not all(code in ("RESOURCE_EXHAUSTED", "INVALID_ARGUMENT") for code in codes[:4]):
+            verdict.problems.append(f"malformed payloads answered {codes[:4]}")
+        if codes[4:] != ["OK"] * 3:
+            verdict.problems.append(f"the heavy valid requests answered {codes[4:]}")
+        codes.clear()
+
+    # Kept by design: the 40 MiB constant in the attacker's own upload store (bounded per user, reused
+    # by digest), and the allocator's high-water mark of one maximal request (its chunks and the joined
+    # body). Held, not growing: a second round of the same attack may add no more than RSS_MARGIN.
+    held = 40 * 2**20 + limit
+    first = under_attack(cotenancy, "oversized/malformed payloads", attack, allowance=0.5, held=held)
+    answered_as_expected(first)
+    again = under_attack(cotenancy, "oversized/malformed payloads, again", attack, allowance=0.5, held=held)
+    answered_as_expected(again)
+    growth = again.rss_after - first.rss_after
+    if growth > RSS_MARGIN:
+        again.problems.append(f"(d) the second round grew resident memory by {growth / 2**20:+.0f} MiB "
+                              f"(margin {RSS_MARGIN / 2**20:.0f} MiB)")
+    _check(first)
+    _check(again)
 
 
 def test_a_fuzzer_batch(cotenancy):

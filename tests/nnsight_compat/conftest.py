@@ -1,5 +1,9 @@
-"""A farscope server on SmolLM2 for the NNsight compatibility suite (the same weights NNsight's reference
-run loaded: the converted GGUF cache, float32), and a client on it."""
+"""A client for the NNsight compatibility suite on the shared SmolLM2 server (the same weights NNsight's
+reference run loaded: the converted GGUF cache, float32).
+
+The suite gets a handle of its own: patterns such as `model.edit(inplace=True)` attach interventions to
+the handle they run on, which must not leak into other tests' `smol`.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +13,11 @@ import pytest
 
 import farscope
 from farscope.server.config import DEFAULT_MODEL
-from farscope.server.replica import Replica
-from farscope.server.service import Server, start_server
+from farscope.server.service import Server
 
 
 @pytest.fixture(scope="session")
-def compat_server(default_model) -> Iterator[Server]:
-    server = start_server({DEFAULT_MODEL.name: Replica(default_model)}, host="127.0.0.1", port=0)
-    yield server
-    server.stop(grace=1)
-
-
-@pytest.fixture(scope="session")
-def compat_model(compat_server: Server) -> Iterator[farscope.RemoteModel]:
-    model = farscope.RemoteModel(DEFAULT_MODEL.name, address=f"127.0.0.1:{compat_server.port}")
+def compat_model(smol_server: Server) -> Iterator[farscope.RemoteModel]:
+    model = farscope.RemoteModel(DEFAULT_MODEL.name, address=f"127.0.0.1:{smol_server.port}")
     yield model
     model.close()

@@ -104,10 +104,14 @@ def test_a_header_is_refused_before_the_body_is_read(engine, changes, error, mat
 
 
 def test_the_body_is_bounded_while_it_arrives(engine, replica):
-    admission = engine.admit(None, _header(b"x" * 10))
+    admission = engine.admit(None, _header(b"x", graph_bytes=replica.limits.max_request_bytes))
     admission.check_size(replica.limits.max_request_bytes)
     with pytest.raises(LimitError, match="max_request_bytes"):
         admission.check_size(replica.limits.max_request_bytes + 1)
+    announced = engine.admit(None, _header(b"x" * 10))
+    announced.check_size(10)
+    with pytest.raises(ValidationError, match="announced 10 graph bytes; more arrived"):
+        announced.check_size(11)
 
 
 def test_a_body_that_is_not_what_the_header_said_or_not_a_graph_is_invalid(engine):

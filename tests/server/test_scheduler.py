@@ -445,10 +445,11 @@ class HeldReplica:
 KINDS = ("ok", "hold", "fail", "bug", "pair")
 
 
-def _ended_as_it_should(job: Job) -> None:
-    kind = job.payload.split(":")[0]
+def _ended_as_it_should(job: Job, payload: str) -> None:
+    """`payload`: what the job was submitted with (a job drops its payload once it ends)."""
+    kind = payload.split(":")[0]
     if kind in ("ok", "hold", "pair"):
-        assert job.error is None and job.result == job.payload, job.error
+        assert job.error is None and job.result == payload, job.error
     elif kind == "fail":
         assert "RuntimeError: the job's own failure" in job.error.message, job.error
     else:
@@ -471,12 +472,14 @@ class SchedulerMachine(RuleBasedStateMachine):
         self._restore = lambda: setattr(scheduler_module, "FIRST_BACKOFF", scheduler_module_backoff)
         self.scheduler = Scheduler(self.replica, on_health=self.health.append)
         self.submitted: list[Job] = []
+        self.payloads: dict[str, str] = {}  # job id -> payload (a job drops its payload once it ends)
         self.cancelled: set[str] = set()
         self.closed = False
 
     @rule(target=jobs, user=st.sampled_from(["ann", "ben", "cat"]), kind=st.sampled_from(KINDS))
     def submit(self, user: str, kind: str) -> Job:
         job = Job(model="held", payload=f"{kind}:{len(self.submitted)}", user=user)
+        self.payloads[job.id] = job.payload
         if self.closed:
             with pytest.raises(TransportError):
                 self.scheduler.submit(job)
@@ -539,14 +542,14 @@ class SchedulerMachine(RuleBasedStateMachine):
             for job in self.submitted:
                 self.replica.gate(job).set()
             for job in self.submitted:
-                assert job.wait(WAIT), f"job {job.payload} never ended"
+                assert job.wait(WAIT), f"job {self.payloads[job.id]} never ended"
             self.scheduler.close(timeout=WAIT)
             for job in self.submitted:
                 if isinstance(job.error, CancelledError):
                     # cancelled while queued (or taken but not started), or queued when the drain came
                     assert job.id in self.cancelled or "shut down" in job.error.message, job.error
                 else:  # ran: its own outcome, cancelled or not (a fake pass has no hook to stop at)
-                    _ended_as_it_should(job)
+                    _ended_as_it_should(job, self.payloads[job.id])
             # every failure of the loop reported False, every restart True; stopped at the end
             assert self.health == [False, True] * self.scheduler.restarts + [False], self.health
         finally:

@@ -90,7 +90,8 @@ def served(tiny_spec, tmp_path_factory) -> Iterator[Served]:
     handle = slow.model.register_forward_pre_hook(gate)
     # Caps well above STREAMS (the clients add streams of their own): this module measures what many
     # open streams cost; the caps themselves are tested in test_stream_limits.py.
-    limits = StreamLimits(max_execute_streams=2 * STREAMS, max_watch_streams=2 * STREAMS)
+    limits = StreamLimits(max_execute_streams=2 * STREAMS, max_watch_streams=2 * STREAMS,
+                          max_unauthenticated=2 * STREAMS)
     server = start_server({SLOW: slow, FAST: fast}, host="127.0.0.1", port=0, keys=store, stream_limits=limits)
     try:
         yield Served(server, gate, keys)
