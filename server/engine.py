@@ -46,7 +46,6 @@ gRPC front turns it into its health service's NOT_SERVING / SERVING).
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import threading
 import time
@@ -194,11 +193,8 @@ class Engine:
 
     def add(self, replica: Replica) -> None:
         """Serve one more model (a server binds its port first and adds models as they load)."""
-        on_health = functools.partial(self.worker_health, replica.name)
-        if _accepts_on_health():
-            scheduler = Scheduler(replica, cobatch=self.cobatch, on_health=on_health)  # type: ignore[call-arg]
-        else:  # a scheduler that does not report its worker's health
-            scheduler = Scheduler(replica, cobatch=self.cobatch)
+        scheduler = Scheduler(replica, cobatch=self.cobatch,
+                              on_health=functools.partial(self.worker_health, replica.name))
         self.schedulers[replica.name] = scheduler
         self.replicas[replica.name] = replica
         self.metrics.watch_queue(replica.name, lambda: scheduler.depth)
@@ -408,11 +404,6 @@ class Engine:
         """Its client went away: a queued job is cancelled; once running, it finishes and stays
         fetchable by id until its TTL."""
         self.schedulers[job.model].withdraw(job)
-
-
-def _accepts_on_health() -> bool:
-    """Whether this server's Scheduler reports its worker's health (`on_health=`)."""
-    return "on_health" in inspect.signature(Scheduler).parameters
 
 
 def _summary(replica: Replica) -> ModelSummary:

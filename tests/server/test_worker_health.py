@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import farscope
 from farscope.server import engine as engine_module
+from farscope.server import scheduler as scheduler_module
 from farscope.server.engine import Engine
 from farscope.server.loading import load_model
 from farscope.server.replica import Replica
@@ -108,14 +109,6 @@ class _ReportingScheduler:
         _ReportingScheduler.made.append(self)
 
 
-class _SilentScheduler:
-    """A scheduler without it (before supervision): the engine still serves its model."""
-
-    def __init__(self, replica: Any, *, cobatch: bool = True) -> None:
-        self.depth = 0
-        self.running = ()
-
-
 def test_the_engine_hands_its_schedulers_a_health_callback(monkeypatch) -> None:
     monkeypatch.setattr(engine_module, "Scheduler", _ReportingScheduler)
     engine = Engine()
@@ -136,8 +129,25 @@ def test_the_engine_hands_its_schedulers_a_health_callback(monkeypatch) -> None:
     assert engine.healthy and heard == [("m", False), ("m", True)] and worker_up() == 1
 
 
-def test_the_engine_serves_with_a_scheduler_that_reports_no_health(monkeypatch) -> None:
-    monkeypatch.setattr(engine_module, "Scheduler", _SilentScheduler)
-    engine = Engine()
-    engine.add(_Named("m"))  # type: ignore[arg-type]
-    assert isinstance(engine.schedulers["m"], _SilentScheduler) and engine.healthy
+def test_a_real_worker_failure_shows_in_health_until_its_restart(server, monkeypatch) -> None:
+    """The real scheduler's loop fails (a bug in its own accounting): the job in its hands fails clearly,
+    health says NOT_SERVING while the worker waits to restart, SERVING once it is back and serving."""
+    scheduler = server.engine.schedulers["one"]
+    monkeypatch.setattr(scheduler_module, "FIRST_BACKOFF", 1.5)  # a window wide enough to see
+    real, broken = scheduler._charge, []
+
+    def charge_once_broken(*args: Any) -> None:
+        if not broken:
+            broken.append(True)
+            raise KeyError("a bug in the accounting")
+        real(*args)
+    monkeypatch.setattr(scheduler, "_charge", charge_once_broken)
+    with farscope.RemoteModel("one", address=f"127.0.0.1:{server.port}") as one:
+        with pytest.raises(farscope.FarscopeError, match="worker of model 'one' failed"), one.trace("hello"):
+            one.lm_head.output.save()
+        _until(lambda: _status(server, "") == NOT_SERVING, "NOT_SERVING while the worker is down", timeout=1.4)
+        assert _status(server, model_health_name("one")) == NOT_SERVING
+        _until(lambda: _status(server, "") == SERVING, "SERVING once the worker is back")
+        with one.trace("hello"):
+            logits = one.lm_head.output.save()
+    assert torch.isfinite(logits.value).all() and scheduler.healthy and scheduler.restarts >= 1
