@@ -188,6 +188,7 @@ class Engine:
             self.rate = None
         self.replicas: dict[str, Replica] = {}
         self.schedulers: dict[str, Scheduler] = {}
+        self._closing = False
         for replica in (replicas or {}).values():
             self.add(replica)
 
@@ -235,6 +236,8 @@ class Engine:
         self.metrics.worker_up.labels(model=model).set(1 if healthy else 0)
         if healthy:
             log.warning("model %s: its worker is back; serving", model, extra={"model": model})
+        elif self._closing:  # the drain stopped it: expected, not an outage
+            log.info("model %s: its worker stopped (the server is shutting down)", model, extra={"model": model})
         else:
             log.error("model %s: its worker is down; health says NOT_SERVING until it is back",
                       model, extra={"model": model})
@@ -247,6 +250,7 @@ class Engine:
     def close(self, grace: float = 30.0) -> None:
         """Drain: take no new jobs, fail queued ones clearly, give running ones `grace` seconds to
         finish, then cancel them (they stop at their next hook). Blocks until then."""
+        self._closing = True
         for scheduler in self.schedulers.values():
             scheduler.close(timeout=grace)
 
