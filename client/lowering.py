@@ -16,8 +16,18 @@ Two spellings record the same nodes:
   the trace ends; then the `else` body, if any, is compiled from the same file (its own line numbers,
   so errors still point at the user's lines) and run once on the client, recording into the else block.
 
+A `while` on a traced value is unrolled to a bound (`Branches.max_iterations`, 16 unless set through
+``tracer.branches.max_iterations = n``): each test records ``if(%c)`` *inside* the previous
+iteration's block and returns True, so Python records the body once per iteration, each copy running
+on the server only while the condition still holds; the test after the last copy records
+``if(%c) fail(...) end``, so a loop that would run past its bound fails the request, naming the bound,
+instead of stopping silently. The server bounds the unrolling like any block: by its nesting depth
+limit and its node limit. The loop suits edits done in place (``while h.norm() > t: h *= 0.5``): a name
+the body binds refers, after the loop, to the last unrolled iteration's value, which exists on the
+server only if every iteration ran (using it otherwise fails, naming the block not taken).
+
 What cannot be decided while recording is refused with a `TraceError` that says what to write instead:
-`while` on a traced value (its iteration count is data: no loop node yet), `and` / `or` / `not` /
+`break` / `return` / `else` of a traced `while`, `and` / `or` / `not` /
 chained comparisons around a proxy (Python would consult only part of the test), `break` / `continue`
 / `return` inside a traced `if` body (Python would take them unconditionally), and an `else` body that
 assigns names (it runs on a copy of the caller's variables, so the assignment would be lost).
@@ -47,9 +57,8 @@ __all__ = ["Branches", "truth", "find_statement", "check_body", "assigned_names"
 _CLIENT = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _LIBRARIES = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (torch, _interventions))
 
-_NO_WHILE = ("`while` on a traced value is not supported: its number of iterations is only known on the "
-             "server. Loop over a Python range with a traced `if` inside (`for _ in range(n): if cond: ...`), "
-             "or save the value and decide after the trace")
+# How many times a `while` on a traced value is unrolled, unless a trace sets its own bound.
+MAX_ITERATIONS = 16
 _NOT_AN_IF = ("a proxy has no truth value here: only a plain `if <traced value>:` statement (or "
               "`with tracer.cond(value):`) is recorded as a condition; its value exists only on the server. "
               "Use torch.where(cond, a, b), or save the value and decide after the trace")
@@ -66,6 +75,8 @@ class _Block:
     last: int = 0
     orelse: list[ast.stmt] = field(default_factory=list)  # ... and its `else` body
     names: dict[str, Any] = field(default_factory=dict)  # ... the caller's variables when it was decided
+    loop: tuple[int, int] | None = None  # a `while` iteration: the statement's (line, column)
+    iteration: int = 0  # ... its number, from 1
 
 
 class Branches:
@@ -75,6 +86,7 @@ class Branches:
         self.tracer = tracer
         self.open: list[_Block] = []
         self.last_closed_if: Any = None  # the `if` whose block closed last, for `tracer.else_()`
+        self.max_iterations = MAX_ITERATIONS  # the unrolling bound of a `while` on a traced value
         self._closing = False
 
     # -- explicit blocks -----------------------------------------------------------------------
@@ -117,6 +129,28 @@ class Branches:
         self.open.append(_Block(opener, True, frame, statement.body[0].lineno,
                                 max(s.end_lineno or s.lineno for s in statement.body), list(statement.orelse),
                                 dict(frame.f_locals) if statement.orelse else {}))
+
+    def test_loop(self, condition: Any, frame: FrameType, statement: ast.While) -> bool:
+        """One test of a `while` on a traced value: True to record one more iteration (see module doc)."""
+        self.before_record()
+        where = (statement.lineno, statement.col_offset)
+        top = self.open[-1] if self.open else None
+        iteration = top.iteration if top is not None and top.frame is frame and top.loop == where else 0
+        last = max(s.end_lineno or s.lineno for s in statement.body)
+        if iteration < self.max_iterations:
+            self.open.append(_Block(self.tracer.record(ops.IF, (condition,)), True, frame, statement.lineno, last,
+                                    loop=where, iteration=iteration + 1))
+            return True
+        overrun = self.open_if(condition)
+        self.tracer.record(ops.FAIL, (
+            f"the `while` at line {statement.lineno} would run more than {self.max_iterations} times, its bound "
+            "while recording; raise it with `tracer.branches.max_iterations = n` (the server limits nesting "
+            "depth), or save the value and decide after the trace",))
+        self.close(overrun)
+        for block in self.open:  # the loop is over: its iterations' blocks close at the next node
+            if block.frame is frame and block.loop == where:
+                block.first, block.last = 1, 0
+        return False
 
     def before_record(self) -> None:
         """Close the plain `if` blocks whose body the caller has left (called before each node)."""
@@ -170,14 +204,12 @@ def truth(proxy: Any) -> bool:
     statement = None
     if frame is not None and not frame.f_code.co_filename.startswith(_LIBRARIES):
         statement = find_statement(frame.f_code.co_filename, frame.f_lineno)
-    if isinstance(statement, ast.While):
-        raise TraceError(_NO_WHILE)
-    if not isinstance(statement, ast.If) or not _plain_test(statement.test):
+    branches = getattr(proxy.tracer, "branches", None)
+    if not isinstance(statement, (ast.If, ast.While)) or not _plain_test(statement.test) or branches is None:
         raise TraceError(_NOT_AN_IF)
     check_body(statement)
-    branches = getattr(proxy.tracer, "branches", None)
-    if branches is None:
-        raise TraceError(_NOT_AN_IF)
+    if isinstance(statement, ast.While):
+        return branches.test_loop(proxy, frame, statement)
     branches.open_plain_if(proxy, frame, statement)
     return True
 
@@ -223,8 +255,18 @@ def find_statement(filename: str, line: int) -> ast.If | ast.While | None:
     return found
 
 
-def check_body(statement: ast.If) -> None:
-    """Refuse what a traced `if` cannot mean while recording (see the module doc)."""
+def check_body(statement: ast.If | ast.While) -> None:
+    """Refuse what a traced `if` or `while` cannot mean while recording (see the module doc)."""
+    if isinstance(statement, ast.While):
+        for node in _outside_nested_scopes(statement.body):
+            if isinstance(node, (ast.Break, ast.Return)):
+                raise TraceError(f"`{type(node).__name__.lower()}` inside a `while` on a traced value (line "
+                                 f"{node.lineno}): Python would take it on the first iteration whatever the server "
+                                 "finds; put the condition into the `while` test")
+        if statement.orelse:
+            raise TraceError(f"the `else` of a `while` on a traced value (line {statement.orelse[0].lineno}) "
+                             "is not supported: write its body after the loop")
+        return
     for node in _outside_nested_scopes(statement.body):
         if isinstance(node, (ast.Break, ast.Continue, ast.Return)):
             keyword = type(node).__name__.lower()

@@ -12,7 +12,8 @@ spelled anywhere else. An op is one of:
   ``call_module`` (run a module out of order), ``backward`` / ``grad`` / ``set_grad`` (gradients),
   ``stop``, ``log``, ``save``, ``getattr`` of a whitelisted tensor attribute, ``field`` of a model
   output (``.logits``); ``if`` / ``else`` / ``end``, the markers of a conditional block (see
-  `graph`): a node between ``if(%c)`` and its ``end`` runs only when %c is true on the server.
+  `graph`): a node between ``if(%c)`` and its ``end`` runs only when %c is true on the server;
+  ``fail`` ends the request with an error (a `while` unrolled to its bound that would go on).
 
 What other modules need to know about an op is a field of its `OpSpec` (where it runs, whether it
 may share a batched pass, which keywords it takes, how much it allocates), read there, never
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "READ", "WRITE", "SKIP", "CALL_MODULE", "GRAD", "SET_GRAD", "BACKWARD", "STOP", "LOG", "SAVE",
-    "GETATTR", "FIELD", "SETITEM", "IF", "ELSE", "END",
+    "GETATTR", "FIELD", "SETITEM", "IF", "ELSE", "END", "FAIL",
     "OpSpec",
     "SAME", "BROADCAST", "CONCAT", "GROWS",
     "MAX_INT_BITS", "MAX_SEQUENCE_LENGTH", "MAX_TENSOR_PIECES",
@@ -67,6 +68,7 @@ SETITEM = "setitem"  # %x[key] = value (in place; records as an operator)
 IF = "if"  # if(cond): the nodes up to its `end` run only when cond (a bool, or a one-element tensor) is true
 ELSE = "else"  # else(%if), right after %if's `end`: the nodes up to its own `end` run when %if's was false
 END = "end"  # end(%if or %else): closes the innermost open block
+FAIL = "fail"  # fail(message): the request fails with the client's message (a bounded loop ran past its bound)
 
 # Hook points of a module: its output, its first positional input, all of (args, kwargs). The root
 # module also has `result` under generate: the generated token ids. `forward` names a module to call.
@@ -686,6 +688,7 @@ def _build() -> tuple[dict[str, OpSpec], dict[Any, tuple[str, bool]], dict[str, 
     add(OpSpec(IF, "special", None, 1, 1, solo=True, keywords=none, opens_block=True))
     add(OpSpec(ELSE, "special", None, 1, 1, solo=True, keywords=none, opens_block=True))
     add(OpSpec(END, "special", None, 1, 1, solo=True, keywords=none, closes_block=True))
+    add(OpSpec(FAIL, "special", None, 1, 1, solo=True, keywords=none))
     for table in (_SIZE_RULES, _VALUE_RULES, _GROWS, _BROADCAST, _CONCAT):
         assert set(table) <= set(registry), set(table) - set(registry)
     return registry, by_callable, dunders

@@ -279,6 +279,8 @@ def _check_node(index: int, raw: Any, paths: set[str], segment: Segment) -> Node
         raise _fail(
             f"attribute {_show(args[1])} is not readable remotely; readable: "
             f"{', '.join(sorted(ops.TENSOR_ATTRIBUTES))}", index, where)
+    if op == ops.FAIL and not (isinstance(args[0], str) and len(args[0]) <= _MAX_WHERE):
+        raise _fail(f"fail needs a message of at most {_MAX_WHERE} characters", index, where)
     if op == ops.FIELD and not (isinstance(args[1], str) and args[1].isidentifier()
                                 and not args[1].startswith("_")):
         raise _fail(f"field name {_show(args[1])} is not allowed", index, where)

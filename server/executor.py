@@ -404,10 +404,13 @@ class Executor:
     def _end(self, node: Node) -> None:
         return None
 
+    def _fail(self, node: Node) -> None:
+        raise RemoteError(node.args[0], node=node.format(), node_id=node.id, where=node.where)
+
     _SPECIAL: ClassVar[dict[str, Callable[[Executor, Node], Any]]] = {
         ops.READ: _read, ops.WRITE: _write, ops.SKIP: _skip, ops.GRAD: _grad, ops.SET_GRAD: _set_grad,
         ops.BACKWARD: _backward, ops.CALL_MODULE: _call_module, ops.STOP: _stop, ops.LOG: _log,
-        ops.IF: _if, ops.ELSE: _else, ops.END: _end,
+        ops.IF: _if, ops.ELSE: _else, ops.END: _end, ops.FAIL: _fail,
     }
 
     def _hook_gradient(self, node: Node, value: Any) -> None:

@@ -143,7 +143,7 @@ def test_an_else_without_its_if_right_before_is_refused() -> None:
 def test_what_cannot_be_decided_while_recording_is_refused() -> None:
     t = _Recorder()
     value = t.work(0)
-    with pytest.raises(TraceError, match="`while` on a traced value"):
+    with pytest.raises(TraceError, match="`break` inside a `while`"):
         while value:
             break
     with pytest.raises(TraceError, match="no truth value"):
@@ -212,3 +212,36 @@ def test_assigned_names_sees_every_binding_but_not_inner_scopes() -> None:
     """)).body
     assert assigned_names(body) == {"a", "b", "c", "d", "e", "g", "j"}
 
+
+
+def test_a_while_unrolls_into_nested_blocks_up_to_its_bound_then_fails_past_it() -> None:
+    t = _Recorder()
+    t.branches.max_iterations = 3
+    value = t.work(0)
+    runs = 0
+    while value:
+        runs += 1
+        value = t.work(runs)
+    t.work(9)
+    recorded = t.finish()
+    assert runs == 3  # the body is recorded once per iteration, up to the bound
+    assert recorded == [
+        ("torch.zeros", 0),
+        (ops.IF, Ref(0)), ("torch.zeros", 1),
+        (ops.IF, Ref(2)), ("torch.zeros", 2),
+        (ops.IF, Ref(4)), ("torch.zeros", 3),
+        (ops.IF, Ref(6)), (ops.FAIL, recorded[8][1]), (ops.END, Ref(7)),  # a fourth iteration fails the request
+        (ops.END, Ref(5)), (ops.END, Ref(3)), (ops.END, Ref(1)),
+        ("torch.zeros", 9)]
+    assert "more than 3 times" in recorded[8][1]
+
+
+def test_a_while_entered_again_starts_its_count_again() -> None:
+    t = _Recorder()
+    t.branches.max_iterations = 1
+    for _ in range(2):
+        value = t.work(0)
+        while value:
+            value = t.work(1)
+    ops_recorded = [op for op, _ in t.finish()]
+    assert ops_recorded.count(ops.IF) == 4 and ops_recorded.count(ops.FAIL) == 2

@@ -1,4 +1,5 @@
-"""Python `if` on traced values, and `tracer.cond` / `tracer.else_`, run as conditional blocks on the server.
+"""Python `if` / `while` on traced values, and `tracer.cond` / `tracer.else_`, run as conditional blocks on
+the server.
 
 Each result equals plain PyTorch with the branch the server's values choose; both branches are
 exercised by flipping the threshold. The server receives `if` / `else` / `end` nodes, never Python.
@@ -168,11 +169,12 @@ def test_if_inside_generation_steps_stops_on_a_token(tiny_remote):
 
 def test_what_cannot_be_decided_while_recording_is_refused_on_the_client(tiny_remote):
     m = tiny_remote["llama"]
-    with pytest.raises(farscope.TraceError, match="while"):
+    with pytest.raises(farscope.TraceError, match="`break` inside a `while`"):
         with m.trace(PROMPT):
             h = _first(at(m, layer("llama", 0)).output).norm()
             while h > 0:
                 h = h / 2
+                break
     with pytest.raises(farscope.TraceError, match="`break`"):
         with m.trace(PROMPT):
             h = _first(at(m, layer("llama", 0)).output).norm()
@@ -184,3 +186,47 @@ def test_what_cannot_be_decided_while_recording_is_refused_on_the_client(tiny_re
             h = _first(at(m, layer("llama", 0)).output).norm()
             if h > 0 and h < 10:
                 pass
+
+
+def _halve_until(local: torch.nn.Module, tokenizer: Any, target: float) -> tuple[int, torch.Tensor]:
+    """Plain PyTorch: layer 0's output halved in place while its norm is over `target`; (halvings, logits)."""
+    count = [0]
+
+    def edit(m: Any, a: Any, o: Any) -> None:
+        h = _first(o)
+        while h.norm() > target:
+            h *= 0.5
+            count[0] += 1
+
+    handle = dict(local.named_modules())[layer("llama", 0)].register_forward_hook(edit)
+    try:
+        with torch.no_grad():
+            logits = local(ids_of(tokenizer, PROMPT), use_cache=False).logits
+    finally:
+        handle.remove()
+    return count[0], logits
+
+
+def test_a_while_on_a_traced_value_runs_as_often_as_pytorch_does(tiny_remote, tiny_local, tiny_tokenizer):
+    m = tiny_remote["llama"]
+    norm, _ = _reference(tiny_local["llama"], tiny_tokenizer, None)
+    for target in (1e9, 0.3 * float(norm) * 5):  # no iteration; some
+        halvings, expected = _halve_until(tiny_local["llama"], tiny_tokenizer, target)
+        with m.trace(PROMPT):
+            h = _first(at(m, layer("llama", 0)).output)
+            while h.norm() > target:
+                h *= 0.5
+            logits = m.lm_head.output.save()
+        assert torch.equal(logits, expected), (target, halvings)
+    assert halvings > 0  # the second target loops
+
+
+def test_a_while_past_its_bound_fails_naming_the_bound(tiny_remote):
+    m = tiny_remote["llama"]
+    with pytest.raises(farscope.RemoteError, match="more than 4 times, its bound"):
+        with m.trace(PROMPT) as tracer:
+            tracer.branches.max_iterations = 4
+            h = _first(at(m, layer("llama", 0)).output)
+            while h.norm() > 0:  # halving never reaches 0 within 4 iterations
+                h *= 0.5
+            m.lm_head.output.save()
