@@ -159,6 +159,14 @@ class Branches:
         while self.open and self.open[-1].frame is not None and not _inside(self.open[-1]):
             self._close_top()
 
+    def close_before_trace(self) -> None:
+        """The next trace of a session starts: blocks opened between traces close here; one the caller
+        is still inside would have to hold a whole trace, which a block cannot (blocks do not span traces)."""
+        self.before_record()
+        if self.open:
+            raise TraceError("a trace cannot start inside an `if` / `while` on a traced value (or a tracer.cond "
+                             "block): a conditional block does not span traces. Decide inside the trace instead")
+
     def close_all(self) -> None:
         """At the end of the trace body: every block still open ends here."""
         while self.open:

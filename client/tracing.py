@@ -71,6 +71,8 @@ class Session:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         tracer_stack.pop_session(self)
+        if self.between is not None and exc_type is None:
+            self.between.branches.close_all()
         self.is_open = False
         self.between = None
         if exc_type is None and self.request.graph.nodes:
@@ -188,6 +190,8 @@ class Tracer:
         if self.session is not None and any(t.session is self.session and t.is_open
                                             for t in tracer_stack.open_tracers()):
             raise TraceError("traces in a session run one after another; they cannot be nested")
+        if self.session is not None and self.session.between is not None:
+            self.session.between.branches.close_before_trace()
         self.segment = self.graph.begin(self.mode, self.options)
         self.is_open = True
         tracer_stack.push_tracer(self)

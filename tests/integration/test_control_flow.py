@@ -230,3 +230,28 @@ def test_a_while_past_its_bound_fails_naming_the_bound(tiny_remote):
             while h.norm() > 0:  # halving never reaches 0 within 4 iterations
                 h *= 0.5
             m.lm_head.output.save()
+
+
+def test_an_if_between_the_traces_of_a_session_runs_there(tiny_remote, tiny_local, tiny_tokenizer):
+    m = tiny_remote["llama"]
+    norm, logits_ref = _reference(tiny_local["llama"], tiny_tokenizer, None)
+    with m.session():
+        with m.trace(PROMPT):
+            norm_remote = _first(at(m, layer("llama", 0)).output).norm(dim=-1).mean()
+        if norm_remote > 0:
+            doubled = (norm_remote * 2).save()
+        if norm_remote < 0:
+            never = (norm_remote * 3).save()
+        with m.trace(PROMPT):
+            logits = m.lm_head.output.save()
+    assert torch.equal(doubled, norm * 2)
+    assert torch.equal(logits, logits_ref)
+    with pytest.raises(farscope.FarscopeError):
+        never.tolist()
+    with pytest.raises(farscope.TraceError, match="cannot start inside"):
+        with m.session():
+            with m.trace(PROMPT):
+                value = _first(at(m, layer("llama", 0)).output).norm()
+            if value > 0:
+                with m.trace(PROMPT):
+                    m.lm_head.output.save()
