@@ -2,7 +2,8 @@
 
 A `Proxy` wraps one graph node. Operators, tensor methods and `torch.*` functions applied to it record
 new nodes (the operator methods are generated from the op registry's table, as torch.fx does with
-`magic_methods`). What has no deferred meaning (`bool()`, iteration, `len()`) raises `TraceError`.
+`magic_methods`). What has no deferred meaning (iteration, `len()`) raises `TraceError`; `bool()` is
+handed to `lowering`, which records a plain `if` on it as a conditional block.
 
 `.save()` returns a `SavedTensor`: a `torch.Tensor` subclass that records like its proxy while the
 trace is open and, once the trace has run, is filled in place with the server's tensor (it shares
@@ -23,6 +24,7 @@ from farscope.interventions import ops
 from farscope.interventions.errors import TraceError
 from farscope.interventions.graph import Node, Ref, map_args
 
+from .lowering import truth
 from .tracer_stack import OpenTracer, innermost_tracer
 
 __all__ = ["Proxy", "SavedTensor", "to_argument", "unwrap"]
@@ -182,9 +184,7 @@ class Proxy:
     def __bool__(self) -> bool:
         if self.has_value:
             return bool(self._value)
-        raise TraceError("a proxy has no truth value inside a trace (its value exists only on the server): "
-                         "Python `if`/`while` on traced values (NNsight's conditionals) is not supported yet; "
-                         "use torch.where(cond, a, b) inside the trace, or save the value and decide after it")
+        return truth(self)  # `if proxy:` records a conditional block, or says why it cannot (lowering.py)
 
     def __iter__(self) -> Any:
         if self.has_value:

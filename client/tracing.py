@@ -1,6 +1,8 @@
 """Tracing contexts: `model.trace(...)` records a graph; leaving the block hands it to the runner.
 
-Recording is plain operator overloading on proxies: no source parsing, no `settrace`, no threads.
+Recording is plain operator overloading on proxies: no `settrace`, no threads. The one exception that
+reads source is `lowering` (Python `if` on a traced value -> a conditional block); the tracer only
+tells it before each node is recorded.
 Each node remembers the user's `file:line` that made it, so a server error points at that line.
 Running the recorded request (transport calls, jobs, filling saved proxies) is `runner`'s job.
 """
@@ -21,6 +23,7 @@ from farscope.interventions.errors import TraceError
 from farscope.interventions.graph import HookPoint, Ref, map_args
 
 from . import tracer_stack
+from .lowering import Branches
 from .proxy import Proxy, SavedTensor, to_argument
 from .runner import Job, Request, Runner
 
@@ -68,6 +71,8 @@ class Session:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         tracer_stack.pop_session(self)
+        if self.between is not None and exc_type is None:
+            self.between.branches.close_all()
         self.is_open = False
         self.between = None
         if exc_type is None and self.request.graph.nodes:
@@ -172,6 +177,7 @@ class Tracer:
         self._edits = tuple(edits)  # model.edit() bodies: recorded first, into every invoke
         self._step_block: _StepBlock | None = None  # an open `with tracer.iter[...]:` body
         self._containers: list[SavedList | SavedDict] = []
+        self.branches = Branches(self)  # conditional blocks open in this trace (lowering.py)
 
     @property
     def steps(self) -> int:
@@ -184,6 +190,8 @@ class Tracer:
         if self.session is not None and any(t.session is self.session and t.is_open
                                             for t in tracer_stack.open_tracers()):
             raise TraceError("traces in a session run one after another; they cannot be nested")
+        if self.session is not None and self.session.between is not None:
+            self.session.between.branches.close_before_trace()
         self.segment = self.graph.begin(self.mode, self.options)
         self.is_open = True
         tracer_stack.push_tracer(self)
@@ -195,6 +203,7 @@ class Tracer:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
+            self.branches.close_all()
             for container in self._containers:  # what was put in them is sent back
                 container.save_items()
         tracer_stack.pop_tracer(self)
@@ -366,6 +375,25 @@ class Tracer:
                 return envoys[candidate]
         raise AttributeError(f"the model has no module {path!r}")
 
+    @contextlib.contextmanager
+    def cond(self, condition: Any) -> Iterator[None]:
+        """`with tracer.cond(x > 0):` what the block records runs only if the condition holds on the
+        server (a bool, or a one-element tensor). A plain `if x > 0:` records the same."""
+        block = self.branches.open_if(condition)
+        try:
+            yield
+        finally:
+            self.branches.close(block)
+
+    @contextlib.contextmanager
+    def else_(self) -> Iterator[None]:
+        """`with tracer.else_():` right after a `with tracer.cond(...)` block: runs when it did not."""
+        block = self.branches.open_else()
+        try:
+            yield
+        finally:
+            self.branches.close(block)
+
     def stop(self) -> None:
         """End the forward pass here: nothing recorded after this line runs."""
         self.record(ops.STOP)
@@ -387,6 +415,7 @@ class Tracer:
 
     def record(self, op: str, args: tuple = (), kwargs: dict | None = None) -> Proxy:
         self._check_open()
+        self.branches.before_record()
         node = self.graph.add(op, to_argument(tuple(args), self), to_argument(kwargs or {}, self),
                               where=_user_line())
         return Proxy(self, node)

@@ -10,6 +10,11 @@ A node is ``id``, ``op`` (a name from `ops.REGISTRY`), ``args``, ``kwargs`` and 
   `OpSpec.hook_points` name that point;
 - `torch.Tensor`: a constant travelling with the request.
 
+Control flow is data too: ``%5 = if(%4)`` opens a block of the nodes recorded after it, run only when
+%4 is true on the server; ``%9 = end(%5)`` closes it; ``%10 = else(%5)`` ... ``%12 = end(%10)`` right
+after is the block run when it was false. Blocks nest; a node inside a block that is not taken is
+skipped, never run.
+
 A graph prints one node a line, ``%5 = add(%3, %4)  # experiment.py:12``; errors quote those lines.
 """
 
@@ -26,8 +31,9 @@ __all__ = [
     "to_document", "VERSION", "TRACES", "INVOKES", "NODES", "MODE", "OPTIONS", "SEGMENT_KEYS",
 ]
 
-# Bumped whenever a graph's meaning changes in a way an older executor would misread.
-IR_VERSION = 1
+# Bumped whenever a graph's meaning changes in a way an older executor would misread. Version 2 added
+# the conditional blocks (ops.IF / ops.ELSE / ops.END): an older executor would run both branches.
+IR_VERSION = 2
 
 # The keys of a graph document (see `to_document`); the validator reads by the same names.
 VERSION = "version"

@@ -11,7 +11,9 @@ spelled anywhere else. An op is one of:
 - ``special``:  handled by the executor itself: ``read`` / ``write`` / ``skip`` of a module hook point,
   ``call_module`` (run a module out of order), ``backward`` / ``grad`` / ``set_grad`` (gradients),
   ``stop``, ``log``, ``save``, ``getattr`` of a whitelisted tensor attribute, ``field`` of a model
-  output (``.logits``).
+  output (``.logits``); ``if`` / ``else`` / ``end``, the markers of a conditional block (see
+  `graph`): a node between ``if(%c)`` and its ``end`` runs only when %c is true on the server;
+  ``fail`` ends the request with an error (a `while` unrolled to its bound that would go on).
 
 What other modules need to know about an op is a field of its `OpSpec` (where it runs, whether it
 may share a batched pass, which keywords it takes, how much it allocates), read there, never
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "READ", "WRITE", "SKIP", "CALL_MODULE", "GRAD", "SET_GRAD", "BACKWARD", "STOP", "LOG", "SAVE",
-    "GETATTR", "FIELD", "SETITEM",
+    "GETATTR", "FIELD", "SETITEM", "IF", "ELSE", "END", "FAIL",
     "OpSpec",
     "SAME", "BROADCAST", "CONCAT", "GROWS",
     "MAX_INT_BITS", "MAX_SEQUENCE_LENGTH", "MAX_TENSOR_PIECES",
@@ -63,6 +65,10 @@ SAVE = "save"  # send a value back when the request ends
 GETATTR = "getattr"  # getattr(%x, name): a whitelisted tensor attribute (TENSOR_ATTRIBUTES)
 FIELD = "field"  # field(%out, name): a model output's field (.logits) or a torch named result's
 SETITEM = "setitem"  # %x[key] = value (in place; records as an operator)
+IF = "if"  # if(cond): the nodes up to its `end` run only when cond (a bool, or a one-element tensor) is true
+ELSE = "else"  # else(%if), right after %if's `end`: the nodes up to its own `end` run when %if's was false
+END = "end"  # end(%if or %else): closes the innermost open block
+FAIL = "fail"  # fail(message): the request fails with the client's message (a bounded loop ran past its bound)
 
 # Hook points of a module: its output, its first positional input, all of (args, kwargs). The root
 # module also has `result` under generate: the generated token ids. `forward` names a module to call.
@@ -135,6 +141,8 @@ class OpSpec:
       result computed from ``(args, kwargs)`` before running, or None when the arguments do not say.
     - ``output_size``: how its tensor output follows its tensor inputs (SAME, BROADCAST, GROWS); the
       guard bounds it from their shapes, inferring it on meta tensors where the bound is not enough.
+    - ``opens_block`` / ``closes_block``: it opens (``if``, ``else``) or closes (``end``) a conditional
+      block; the validator checks blocks nest, the executor skips the nodes of a block not taken.
     - ``value_rule``: for operators on plain Python values (``pow(10, 10**7)``, ``"x" * 10**10``): the
       size of what they would make, computed before running (see `ValueSize`).
     """
@@ -154,6 +162,8 @@ class OpSpec:
     size_rule: SizeRule | None = None
     output_size: str = SAME
     value_rule: ValueRule | None = None
+    opens_block: bool = False
+    closes_block: bool = False
 
 
 def _field(obj: Any, key: str) -> Any:
@@ -674,6 +684,11 @@ def _build() -> tuple[dict[str, OpSpec], dict[Any, tuple[str, bool]], dict[str, 
     add(OpSpec(SAVE, "special", _save, 1, 1))
     add(OpSpec(GETATTR, "special", _getattr, 2, 2))
     add(OpSpec(FIELD, "special", _field, 2, 2))
+    # A condition decides for its job alone, but a shared pass gains little here: keep such graphs solo.
+    add(OpSpec(IF, "special", None, 1, 1, solo=True, keywords=none, opens_block=True))
+    add(OpSpec(ELSE, "special", None, 1, 1, solo=True, keywords=none, opens_block=True))
+    add(OpSpec(END, "special", None, 1, 1, solo=True, keywords=none, closes_block=True))
+    add(OpSpec(FAIL, "special", None, 1, 1, solo=True, keywords=none))
     for table in (_SIZE_RULES, _VALUE_RULES, _GROWS, _BROADCAST, _CONCAT):
         assert set(table) <= set(registry), set(table) - set(registry)
     return registry, by_callable, dunders

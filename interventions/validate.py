@@ -2,7 +2,8 @@
 
 Checks, before anything touches a model: the IR version, the document's shape, every op against the
 whitelist, arity, that references point to earlier nodes, that hook points name modules the model
-has, argument types (literals, refs, tensors only), and the request's size limits.
+has, argument types (literals, refs, tensors only), that conditional blocks (`if` / `else` / `end`)
+nest properly within one trace and no deeper than the limit, and the request's size limits.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class GraphLimits:
     max_invokes: int = 256
     max_input_tokens: int = 1_000_000
     max_new_tokens: int = 4096
+    max_block_depth: int = 32  # conditional blocks (if / else) open inside one another
 
 
 def _fail(message: str, node_id: int | None = None, where: str | None = None) -> ValidationError:
@@ -122,10 +124,61 @@ def validate(
             raise LimitError(f"inputs hold {total_tokens} tokens; the limit is {limits.max_input_tokens}")
         segment.start = segment.stop = len(graph.nodes)
         graph.segments.append(segment)
+        blocks = _Blocks(graph, limits.max_block_depth)
         for raw in trace[NODES]:
-            graph.nodes.append(_check_node(len(graph.nodes), raw, paths, segment))
+            node = _check_node(len(graph.nodes), raw, paths, segment)
+            blocks.check(node)
+            graph.nodes.append(node)
             segment.stop = len(graph.nodes)
+        blocks.check_closed(number)
     return graph
+
+
+class _Blocks:
+    """The conditional blocks open while one trace's nodes are checked, innermost last.
+
+    `if(cond)` opens a block; `end(%opener)` closes the innermost one and must name it; `else(%if)`
+    opens the other branch of an `if` and must come right after that `if`'s `end`. A block never spans
+    two traces, and blocks nest no deeper than `max_depth`.
+    """
+
+    def __init__(self, graph: Graph, max_depth: int) -> None:
+        self.graph = graph
+        self.max_depth = max_depth
+        self.open: list[int] = []  # opener node ids
+        self.closed_if: int | None = None  # the `if` whose `end` is the node just checked
+        self.has_else: set[int] = set()
+
+    def check(self, node: Node) -> None:
+        spec = ops.REGISTRY[node.op]
+        closed_if, self.closed_if = self.closed_if, None
+        if not (spec.opens_block or spec.closes_block):
+            return
+        target = node.args[0]
+        if node.op == ops.ELSE:
+            if not isinstance(target, Ref) or target.id != closed_if or target.id in self.has_else:
+                raise _fail(f"{node.format()}: an else must come right after the end of its if, once",
+                            node.id, node.where)
+            self.has_else.add(target.id)
+        if spec.opens_block:
+            if len(self.open) >= self.max_depth:
+                raise LimitError(f"conditional blocks nest {len(self.open) + 1} deep; the limit (max_block_depth) "
+                                 f"is {self.max_depth}", node_id=node.id, where=node.where or None)
+            self.open.append(node.id)
+            return
+        if not self.open or target != Ref(self.open[-1]):
+            innermost = f"%{self.open[-1]}" if self.open else "none is open"
+            raise _fail(f"{node.format()}: an end must close the innermost open block ({innermost})",
+                        node.id, node.where)
+        self.open.pop()
+        if self.graph.nodes[target.id].op == ops.IF:
+            self.closed_if = target.id
+
+    def check_closed(self, number: int) -> None:
+        if self.open:
+            opener = self.graph.nodes[self.open[-1]]
+            raise _fail(f"trace {number}: block {opener.format()} is never closed (no end)", opener.id,
+                        opener.where)
 
 
 def _check_segment(number: int, trace: Any, limits: GraphLimits) -> Segment:
@@ -226,6 +279,8 @@ def _check_node(index: int, raw: Any, paths: set[str], segment: Segment) -> Node
         raise _fail(
             f"attribute {_show(args[1])} is not readable remotely; readable: "
             f"{', '.join(sorted(ops.TENSOR_ATTRIBUTES))}", index, where)
+    if op == ops.FAIL and not (isinstance(args[0], str) and len(args[0]) <= _MAX_WHERE):
+        raise _fail(f"fail needs a message of at most {_MAX_WHERE} characters", index, where)
     if op == ops.FIELD and not (isinstance(args[1], str) and args[1].isidentifier()
                                 and not args[1].startswith("_")):
         raise _fail(f"field name {_show(args[1])} is not allowed", index, where)

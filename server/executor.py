@@ -7,6 +7,10 @@ n-th call, its inputs, a tensor's gradient during backward), its value becomes a
 node that can now run does, in recording order (a node's inputs are earlier nodes, so one pass
 suffices). Once nothing is left, the forward pass stops early: a graph that only reads layer 3 never
 runs layer 4. Values are dropped once every user has run; failures name the node and the user's line.
+
+Conditional blocks (`if` / `else` / `end`): a node inside a block waits until the block's opener has
+run; if the block is not taken the node is skipped (counted done, never run, its value absent), so a
+hook read in a branch not taken waits for no module.
 """
 
 from __future__ import annotations
@@ -116,6 +120,10 @@ class Executor:
                     owner = n.id
                 elif self.specs[n.id].on_gradient and owner is not None:
                     self.grad_owner[n.id] = owner
+        # Conditional blocks: each node's innermost block opener (if / else), and whether a block runs.
+        self.gate = _gates(graph)
+        self.taken: dict[int, bool] = {}
+        self.skipped: set[int] = set()
         self.frames: list[_Frame] = []
         self.running: set[int] = set()  # nodes under way (a backward node while its gradient hooks run)
         self.bypass = 0  # > 0 while a `call_module` node runs a module outside the forward pass
@@ -132,7 +140,7 @@ class Executor:
         if self.shared is not None:
             for job in self.shared.check():
                 self._evict(job, self.shared.evicted[job])
-        return {i: self.env[i] for i in self.saved_ids if i in self.done}
+        return {i: self.env[i] for i in self.saved_ids if i in self.done and i not in self.skipped}
 
     def _run_segment(self, segment: Segment) -> None:
         nodes = self.graph.nodes[segment.start:segment.stop]
@@ -201,6 +209,12 @@ class Executor:
             if nid in self.done or nid in self.running or self._evicted(nid):
                 continue
             node = self.graph.nodes[nid]
+            gate = self.gate.get(nid)
+            if gate is not None and gate not in self.done:
+                continue  # its block's condition is not decided yet
+            if gate is not None and not self.taken.get(gate, False):
+                self._skip_node(node)
+                continue
             if self._ready(node):
                 if self.shared is None:
                     self._execute(node)
@@ -222,9 +236,26 @@ class Executor:
         nodes = self.shared.nodes_of(job)
         self.pending = [n for n in self.pending if n not in nodes]
 
+    def _skip_node(self, node: Node) -> None:
+        """A node of a block not taken: done without running, and no longer holding its inputs."""
+        self.skipped.add(node.id)
+        self.done.add(node.id)
+        self._release(node)
+
+    def _release(self, node: Node) -> None:
+        for dep in self.deps[node.id]:
+            self.uses_left[dep] -= 1
+            if self.uses_left[dep] == 0 and dep not in self.saved_ids:
+                self.env.pop(dep, None)
+
     def _ready(self, node: Node) -> bool:
         if any(dep not in self.done for dep in self.deps[node.id]):
             return False
+        skipped = [f"%{dep}" for dep in self.deps[node.id] if dep in self.skipped]
+        if skipped:
+            raise RemoteError(f"this node uses {', '.join(skipped)}, recorded in a conditional block that "
+                              "was not taken, so it has no value", node=node.format(), node_id=node.id,
+                              where=node.where)
         spec = self.specs[node.id]
         if spec.hooked:
             hook: HookPoint = node.args[0]
@@ -263,10 +294,7 @@ class Executor:
             self.running.discard(node.id)
         self.env[node.id] = value
         self.done.add(node.id)
-        for dep in self.deps[node.id]:
-            self.uses_left[dep] -= 1
-            if self.uses_left[dep] == 0 and dep not in self.saved_ids:
-                self.env.pop(dep, None)
+        self._release(node)
 
     # -- one method per op: the special ops by name (_SPECIAL, below), every other op through _call --
 
@@ -352,9 +380,37 @@ class Executor:
     def _log(self, node: Node) -> None:
         self.on_log(" ".join(_show(v) for v in self._resolve(node.args)))
 
+    def _if(self, node: Node) -> bool:
+        condition = self._resolve(node.args[0])
+        if isinstance(condition, torch.Tensor):
+            if condition.numel() != 1:
+                raise ValueError(f"a condition must be a single value; this one is a tensor of shape "
+                                 f"{list(condition.shape)} (reduce it first: .all(), .any(), .item())")
+            taken = bool(condition.item())
+        elif isinstance(condition, (bool, int, float)) or condition is None:
+            taken = bool(condition)
+        else:
+            raise TypeError(f"a condition must be a bool, a number or a one-element tensor, not a "
+                            f"{type(condition).__name__}")
+        self.taken[node.id] = taken
+        return taken
+
+    def _else(self, node: Node) -> bool:
+        # Reached only when its `if` ran (both sit in the same enclosing block).
+        taken = not self.taken[node.args[0].id]
+        self.taken[node.id] = taken
+        return taken
+
+    def _end(self, node: Node) -> None:
+        return None
+
+    def _fail(self, node: Node) -> None:
+        raise RemoteError(node.args[0], node=node.format(), node_id=node.id, where=node.where)
+
     _SPECIAL: ClassVar[dict[str, Callable[[Executor, Node], Any]]] = {
         ops.READ: _read, ops.WRITE: _write, ops.SKIP: _skip, ops.GRAD: _grad, ops.SET_GRAD: _set_grad,
         ops.BACKWARD: _backward, ops.CALL_MODULE: _call_module, ops.STOP: _stop, ops.LOG: _log,
+        ops.IF: _if, ops.ELSE: _else, ops.END: _end, ops.FAIL: _fail,
     }
 
     def _hook_gradient(self, node: Node, value: Any) -> None:
@@ -377,7 +433,11 @@ class Executor:
 
     def _never_ran(self, node: Node) -> RemoteError:
         spec = self.specs[node.id]
-        if spec.hooked:
+        gate = self.gate.get(node.id)
+        if gate is not None and gate not in self.done:
+            msg = (f"this node sits in the conditional block of %{gate}, whose condition was not decided in "
+                   "time: it needs values the forward pass computes only after this node's module ran")
+        elif spec.hooked:
             hook: HookPoint = node.args[0]
             call = node.kwargs.get("call", 0)
             which = f" (call {call})" if call else ""
@@ -502,6 +562,26 @@ class Executor:
         if isinstance(current, tuple) and isinstance(new, tuple) and len(current) == len(new):
             return tuple(self._write_rows(c, invoke, n) for c, n in zip(current, new, strict=True))
         raise TypeError(f"cannot write a {type(new).__name__} into rows of a {type(current).__name__}")
+
+
+def _gates(graph: Graph) -> dict[int, int]:
+    """Each node inside a conditional block -> the innermost block's opener (an `if` or `else` node).
+
+    The validator has checked that blocks nest within each segment; an opener and its `end` belong to
+    the enclosing block, so they are gated by it, not by themselves.
+    """
+    gates: dict[int, int] = {}
+    for segment in graph.segments:
+        open_blocks: list[int] = []
+        for node in graph.nodes[segment.start:segment.stop]:
+            spec = ops.REGISTRY[node.op]
+            if spec.closes_block and open_blocks:
+                open_blocks.pop()
+            if open_blocks:
+                gates[node.id] = open_blocks[-1]
+            if spec.opens_block:
+                open_blocks.append(node.id)
+    return gates
 
 
 def _nests_refs(args: Any) -> bool:

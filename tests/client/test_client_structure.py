@@ -87,7 +87,8 @@ def test_layers_import_only_downwards() -> None:
     composition root `model`) that talks to the transport."""
     graph = {module: _sibling_imports(module) for module in MODULES}
     assert graph["tracer_stack"] == set()
-    assert graph["proxy"] == {"tracer_stack"}
+    assert graph["lowering"] == set()  # it reaches a trace through the proxy it is handed
+    assert graph["proxy"] == {"tracer_stack", "lowering"}
     assert graph["envoy"] <= {"tracer_stack", "proxy"}
     assert "tracing" not in graph["runner"]
     users_of_transport = {module for module, imported in graph.items() if "transport" in imported}
@@ -95,6 +96,21 @@ def test_layers_import_only_downwards() -> None:
     # Recording makes no transport call of its own: the words of the wire appear only in the runner.
     calls = {n.attr for n in ast.walk(_tree("tracing")) if isinstance(n, ast.Attribute)}
     assert not calls & {"transport", "fetch", "watch", "cancel"}, calls & {"transport", "fetch", "watch", "cancel"}
+
+
+def test_only_the_lowering_reads_source() -> None:
+    """STYLE.md: the one place that parses the user's source is the control-flow lowering (the runner
+    only quotes the user's line in an error message)."""
+    readers = set()
+    for module in MODULES:
+        for node in ast.walk(_tree(module)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if {"ast", "tokenize"} & set(names):
+                readers.add(module)
+            if isinstance(node, ast.Attribute) and node.attr in ("getsource", "getsourcelines", "settrace", "parse"):
+                readers.add(module)
+    assert readers == {"lowering"}, readers
 
 
 def _is_private(name: str) -> bool:

@@ -271,6 +271,44 @@ def _ordered(nodes: list[list[Any]]) -> list[list[Any]]:
     return [[op, fix(args, i), fix(kwargs, i), where] for i, (op, args, kwargs, where) in enumerate(nodes)]
 
 
+def _with_block(nodes: list[list[Any]], condition: Any, then: list[Ref], otherwise: list[Ref] | None,
+                where: int) -> list[list[Any]]:
+    """`nodes` with a conditional block (and maybe its else) inserted at `where`: its body saves the
+    values `then` / `otherwise` name (pointed at earlier nodes), its condition may be hostile."""
+    at = where % (len(nodes) + 1)
+    head, tail = nodes[:at], nodes[at:]
+    opener = len(head)
+    block = [["if", (condition,), {}, "fuzz.py:5"]]
+    block += [["save", (Ref(r.id % opener) if opener else r,), {}, "fuzz.py:5"] for r in then]
+    block.append(["end", (Ref(opener),), {}, "fuzz.py:5"])
+    if otherwise is not None:
+        block.append(["else", (Ref(opener),), {}, "fuzz.py:5"])
+        block += [["save", (Ref(r.id % opener) if opener else r,), {}, "fuzz.py:5"] for r in otherwise]
+        block.append(["end", (Ref(opener + len(then) + 2),), {}, "fuzz.py:5"])
+    shift = len(block)  # the tail's references to its own nodes move past the block
+    moved = [[op, _shifted(args, at, shift), _shifted(kwargs, at, shift), w] for op, args, kwargs, w in tail]
+    return head + block + moved
+
+
+def _shifted(value: Any, at: int, shift: int) -> Any:
+    if isinstance(value, Ref):
+        return Ref(value.id + shift) if value.id >= at else value
+    if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
+        return type(value)(_shifted(v, at, shift) for v in value)
+    if isinstance(value, dict):
+        return {k: _shifted(v, at, shift) for k, v in value.items()}
+    return value
+
+
+def _nested_blocks(depth: int, condition: Any) -> list[list[Any]]:
+    """`depth` conditional blocks inside one another around one read (the limit is 32 deep)."""
+    nodes = [["read", (HookPoint("lm_head", "output"),), {"invoke": 0}, ""]]
+    nodes += [["if", (condition,), {}, ""] for _ in range(depth)]
+    nodes.append(["save", (Ref(0),), {}, ""])
+    nodes += [["end", (Ref(depth - i),), {}, ""] for i in range(depth)]
+    return nodes
+
+
 def document_strategy(paths: list[str]) -> st.SearchStrategy[Any]:
     """Request documents: plausible ones (which mostly validate, and run) and thoroughly hostile ones."""
     small = st.integers(-3, 12)
@@ -374,9 +412,17 @@ def document_strategy(paths: list[str]) -> st.SearchStrategy[Any]:
         st.sampled_from([*GENERATION_OPTIONS, "num_beams", "streamer", "__class__"]),
         st.one_of(st.integers(-1, 3), st.sampled_from([4097, 2**63 - 1, NAN, INF, True, 0.7, "3", None])),
         max_size=3)
+    # Conditional blocks: well nested around plausible nodes (conditions true, false, tensors, hostile
+    # values), and nested around the depth limit.
+    conditions = st.one_of(refs, st.booleans(), small, floats, values)
+    blocked_nodes = st.builds(_with_block, plausible_nodes, conditions, st.lists(refs, max_size=2),
+                              st.one_of(st.none(), st.lists(refs, max_size=2)), st.integers(0, 8))
+    deep_nodes = st.builds(_nested_blocks, st.integers(30, 34), st.one_of(st.booleans(), st.just(1)))
     plausible_docs = st.one_of(
         st.fixed_dictionaries({"version": st.just(IR_VERSION), "invokes": plausible_invokes,
                                "nodes": plausible_nodes}),
+        st.fixed_dictionaries({"version": st.just(IR_VERSION), "invokes": plausible_invokes,
+                               "nodes": st.one_of(blocked_nodes, blocked_nodes, deep_nodes)}),
         st.fixed_dictionaries({"version": st.just(IR_VERSION), "invokes": plausible_invokes,
                                "nodes": plausible_nodes, "mode": st.just("generate"),
                                "options": st.fixed_dictionaries({"max_new_tokens": st.integers(1, 3)})}))
@@ -438,6 +484,13 @@ def seed_documents(paths: frozenset[str]) -> list[bytes]:
             node("save", Ref(2))),
         doc(read(HookPoint(SENTINEL_MODULE, "input")),
             node("call_module", HookPoint(SENTINEL_MODULE, "forward"), Ref(0)), node("save", Ref(1))),
+        # conditional blocks: a branch taken and one not (whose read waits for no module), nested
+        doc(read(mlp), node("Tensor.sum", Ref(0)), node("gt", Ref(1), -1e30), node("if", Ref(2)),
+            node("setitem", Ref(0), (slice(None), -1), 0.0), node("end", Ref(3)), node("else", Ref(3)),
+            read(head), node("save", Ref(7)), node("end", Ref(6)), node("save", Ref(0))),
+        doc(read(mlp), node("if", True), node("Tensor.norm", Ref(0)), node("if", Ref(2)), node("save", Ref(2)),
+            node("end", Ref(3)), node("end", Ref(1)), node("if", False), read(head), node("save", Ref(8)),
+            node("end", Ref(7))),
     ]
     return [codec.encode(d) for d in documents]
 

@@ -539,11 +539,28 @@ add("mode-1MB", lambda t: document(READ, mode="m" * 2**20), INVALID, "unknown mo
 add("version-string-1MB", lambda t: document(READ, version="1" * 2**20), PRECONDITION, "is not supported")
 
 # Versions.
-for _version in (0, 2, -1, 2**64 - 1, "1", 1.0, True, None, NAN, [1], {"v": 1}):
+for _version in (0, IR_VERSION - 1, IR_VERSION + 1, -1, 2**64 - 1, "1", 1.0, True, None, NAN, [1], {"v": 1}):
     add(f"document-version-{_version!r}", lambda t, v=_version: document(READ, version=v), PRECONDITION,
         "is not supported")
 add("document-without-version", lambda t: packed({"invokes": [PROMPT], "nodes": []}), PRECONDITION,
     "is not supported")
+
+# Conditional blocks (IR version 2): nesting past the limit, blocks left open or closed out of order,
+# conditions that are no single value; a block not taken runs nothing, however costly.
+add("blocks-33-deep", lambda t: document(READ, *[node("if", True)] * 33,
+                                         *[node("end", Ref(33 - i)) for i in range(33)]),
+    EXHAUSTED, r"nest 33 deep; the limit \(max_block_depth\) is 32")
+add("block-never-closed", lambda t: document(READ, node("if", Ref(0))), INVALID, "never closed")
+add("end-of-another-block", lambda t: document(READ, node("if", True), node("if", True), node("end", Ref(1)),
+                                               node("end", Ref(2))), INVALID, "innermost open block")
+add("else-without-if", lambda t: document(READ, node("else", Ref(0)), node("end", Ref(1))), INVALID,
+    "right after the end of its if")
+add("condition-of-many-values", lambda t: document(READ, node("if", Ref(0)), node("save", Ref(0)),
+                                                   node("end", Ref(1))), ABORTED, "single value")
+add("condition-a-string", lambda t: document(READ, node("if", "x" * 1000), node("end", Ref(1))), ABORTED,
+    "must be a bool")
+add("costly-block-not-taken", lambda t: document(READ, node("if", False), node("torch.zeros", 2**40),
+                                                 node("save", Ref(2)), node("end", Ref(1))), "OK", None)
 
 # Limits of the default server (max_nodes=20000, 256 invokes, 1e6 input tokens, 4096 new tokens) and its
 # allocation guard (tensors of 1e12 elements asked for by size).
@@ -602,7 +619,7 @@ for _model in ("", "no-such-model", "tiny\x00", " tiny", "TINY", "t\u0456ny", "\
     call_case(f"model-{_model[:40]!r}{'-1MB' if len(_model) > 40 else ''}",
               lambda t, m=_model: [t.header(len(_GOOD), model=m), *_chunks(_GOOD, 1 << 20)], NOT_FOUND,
               "no model named .* is served here; served: ")
-for _version in (0, 2, 2**32 - 1):
+for _version in (0, IR_VERSION - 1, IR_VERSION + 1, 2**32 - 1):
     call_case(f"header-ir-version-{_version}", lambda t, v=_version: [t.header(len(_GOOD), ir_version=v),
                                                                      *_chunks(_GOOD, 1 << 20)],
               PRECONDITION, rf"accepts graph IR version\(s\) {IR_VERSION}.*sent version {_version}")
@@ -673,7 +690,8 @@ def test_a_hostile_request_is_refused_cleanly(case: Case, target, small_target) 
 
 @pytest.mark.parametrize("name", ["document-pickle-p5-os.system", "list-nested-1e5", "op-'eval'",
                                   "module-path-'model.__dict__'", "tensor-claiming-1e12-elements", "announces-1-less",
-                                  "model-'no-such-model'", "document-version-2", "20001-nodes", "max_new_tokens=4097"])
+                                  "model-'no-such-model'", f"document-version-{IR_VERSION - 1}", "20001-nodes",
+                                  "max_new_tokens=4097", "blocks-33-deep"])
 def test_submit_refuses_what_execute_refuses(name: str, target) -> None:
     case = next(c for c in CASES if c.id == name)
     with pytest.raises(grpc.RpcError) as info:

@@ -280,11 +280,12 @@ def _nested(depth: int) -> Any:
         (_document(_READ, ["Tensor.sum", (Ref(0),), {b"dim": 0}, ""]), farscope.ValidationError),
         (_document(_READ, ["getattr", (Ref(0), ["shape"]), {}, ""]), farscope.ValidationError),
         (_document(version=torch.ones(3)), farscope.VersionError),
-        (_packed({"version": 1, "invokes": [PROMPT], "nodes": [  # torch.Size([2**64 - 1]): 6 = tuple, 9 = Size
+        (_packed({"version": IR_VERSION, "invokes": [PROMPT], "nodes": [  # torch.Size([2**64 - 1]): 6 = tuple, 9 = Size
             ["Tensor.view", msgpack.ExtType(6, _packed([1, msgpack.ExtType(9, _packed([2**64 - 1]))])), {}, ""]]}),
          farscope.ValidationError),
         (b"\x83\xa7version" + _DEEP + b"\xa7invokes\x91\xa1x\xa5nodes\x90", farscope.VersionError),
-        (b"\x83\xa7version\x01\xa7invokes\x91\xa1x\xa5nodes\x91\x94" + _DEEP + b"\xc7\x01\x06\x90\x80\xa0",
+        (b"\x83\xa7version" + bytes([IR_VERSION]) + b"\xa7invokes\x91\xa1x\xa5nodes\x91\x94" + _DEEP
+         + b"\xc7\x01\x06\x90\x80\xa0",
          farscope.ValidationError),
         (_document(["add", (1, _nested(400)), {}, ""]), farscope.ValidationError),
     ],
@@ -386,11 +387,15 @@ def test_an_unknown_model_is_model_not_found(address, stub, transport, still_ser
     still_serving()
 
 
-def test_bool_of_a_proxy_is_a_trace_error(llama, still_serving) -> None:
+def test_bool_of_a_proxy_outside_a_plain_if_is_a_trace_error(llama, still_serving) -> None:
+    # A plain `if proxy:` records a conditional block (client/lowering.py); any other truth test cannot.
     with pytest.raises(farscope.TraceError, match="no truth value"):
         with llama.trace(PROMPT):
-            if llama.model.layers[0].output.sum() > 0:
-                pass
+            bool(llama.model.layers[0].output.sum() > 0)
+    with pytest.raises(farscope.TraceError, match="no truth value"):
+        with llama.trace(PROMPT):
+            total = llama.model.layers[0].output.sum()
+            _ = 1 if total > 0 else 0
     still_serving()
 
 

@@ -30,7 +30,7 @@ from farscope.interventions.errors import FarscopeError
 PROMPT = "When Mary and John went to the store"
 # Special ops are tested where their behaviour lives: hook points, gradients, sessions, generation.
 SPECIAL = frozenset({"read", "write", "skip", "call_module", "grad", "set_grad", "backward", "stop", "log", "save",
-                     "getattr", "field"})
+                     "getattr", "field", "if", "else", "end", "fail"})
 HIDDEN = 64  # the tiny models' hidden size (tests/conftest.py)
 
 _gen = torch.Generator().manual_seed(1234)

@@ -122,10 +122,10 @@ def test_a_missing_version_is_a_version_error() -> None:
         ([1, ["x"], []], "must be a map"),
         ("graph", "must be a map"),
         (None, "must be a map"),
-        ({"version": 1, "invokes": ["x"], "nodes": [], "code": "import os"}, "unknown keys: code"),
-        ({"version": 1, "invokes": ["x"]}, "lists 'invokes' and 'nodes'"),
-        ({"version": 1, "invokes": "x", "nodes": []}, "lists 'invokes' and 'nodes'"),
-        ({"version": 1, "invokes": ["x"], "nodes": {"0": 1}}, "lists 'invokes' and 'nodes'"),
+        ({"version": IR_VERSION, "invokes": ["x"], "nodes": [], "code": "import os"}, "unknown keys: code"),
+        ({"version": IR_VERSION, "invokes": ["x"]}, "lists 'invokes' and 'nodes'"),
+        ({"version": IR_VERSION, "invokes": "x", "nodes": []}, "lists 'invokes' and 'nodes'"),
+        ({"version": IR_VERSION, "invokes": ["x"], "nodes": {"0": 1}}, "lists 'invokes' and 'nodes'"),
     ],
     ids=["list", "str", "none", "extra key", "no nodes", "invokes str", "nodes map"],
 )
@@ -180,7 +180,7 @@ def test_deeply_nested_arguments_are_rejected_not_crashing() -> None:
     deep: Any = 1
     for _ in range(600):  # deeper than Python's default recursion limit allows naive formatting
         deep = [deep]
-    document = {"version": 1, "invokes": ["x"], "nodes": [["add", (1, deep), {}, ""]]}
+    document = {"version": IR_VERSION, "invokes": ["x"], "nodes": [["add", (1, deep), {}, ""]]}
     with pytest.raises(ValidationError, match="nest too deeply"):
         validate(document, module_paths=PATHS)
 
@@ -196,10 +196,10 @@ def _deep_list(depth: int) -> Any:
     ("document", "error"),
     [
         ({"version": _deep_list(5000), "invokes": ["x"], "nodes": []}, VersionError),
-        ({"version": 1, "invokes": ["x"], "nodes": [[_deep_list(5000), (), {}, ""]]}, ValidationError),
-        ({"version": 1, "invokes": ["x"], "nodes": [["read", (HookPoint("x" * 90_000, "output"),),
+        ({"version": IR_VERSION, "invokes": ["x"], "nodes": [[_deep_list(5000), (), {}, ""]]}, ValidationError),
+        ({"version": IR_VERSION, "invokes": ["x"], "nodes": [["read", (HookPoint("x" * 90_000, "output"),),
                                                       {"invoke": 0}, ""]]}, ValidationError),
-        ({"version": 1, "invokes": ["x"], "nodes": [["add", (1, 2), {"y" * 90_000 + "-": 1}, ""]]},
+        ({"version": IR_VERSION, "invokes": ["x"], "nodes": [["add", (1, 2), {"y" * 90_000 + "-": 1}, ""]]},
          ValidationError),
     ],
     ids=["deep version", "deep op", "long path", "long keyword"],
@@ -528,3 +528,61 @@ def test_mutated_documents_only_ever_raise_farscope_errors() -> None:
             pytest.fail(f"validate raised {type(e).__name__}: {e} for {mutated!r}")
         accepted += 1
     assert 0 < accepted < 3000
+
+
+# -- conditional blocks (if / else / end) -------------------------------------------------------
+
+
+def _blocks(*nodes: list[Any]) -> dict[str, Any]:
+    return _doc(_read(), _node("Tensor.sum", Ref(0)), *nodes)
+
+
+def test_well_nested_blocks_with_an_else_are_accepted() -> None:
+    graph = _check(_blocks(_node("if", Ref(1)), _node("if", True), _node("save", Ref(0)), _node("end", Ref(3)),
+                           _node("end", Ref(2)), _node("else", Ref(2)), _node("save", Ref(1)),
+                           _node("end", Ref(7))))
+    assert [n.op for n in graph.nodes[2:]] == ["if", "if", "save", "end", "end", "else", "save", "end"]
+
+
+@pytest.mark.parametrize(("nodes", "match"), [
+    ([_node("if", Ref(1))], "never closed"),
+    ([_node("end", Ref(1))], "innermost open block"),
+    ([_node("if", Ref(1)), _node("if", Ref(1)), _node("end", Ref(2))], "innermost open block"),
+    ([_node("if", Ref(1)), _node("end", 2)], "innermost open block"),
+    ([_node("else", Ref(1))], "right after the end of its if"),
+    ([_node("if", Ref(1)), _node("save", Ref(0)), _node("end", Ref(2)), _node("save", Ref(0)),
+      _node("else", Ref(2))], "right after the end of its if"),
+    ([_node("if", Ref(1)), _node("end", Ref(2)), _node("else", Ref(2)), _node("end", Ref(4)),
+      _node("else", Ref(2))], "right after the end of its if"),
+    ([_node("if", Ref(1)), _node("end", Ref(2)), _node("else", Ref(2))], "never closed"),
+    ([_node("if", Ref(1), x=1), _node("end", Ref(2))], "takes no keywords"),
+    ([_node("if"), _node("end", Ref(2))], "takes 1 positional"),
+])
+def test_badly_nested_blocks_are_rejected(nodes: list[list[Any]], match: str) -> None:
+    _rejects(_blocks(*nodes), match)
+
+
+def test_a_block_cannot_span_two_traces() -> None:
+    document = {"version": IR_VERSION, "traces": [
+        {"invokes": ["a"], "nodes": [_read(), _node("if", True)]},
+        {"invokes": ["a"], "nodes": [_node("end", Ref(1))]},
+    ]}
+    _rejects(document, "never closed")
+
+
+def test_blocks_nested_past_the_limit_are_a_limit_error_naming_it() -> None:
+    def nested(depth: int) -> dict[str, Any]:
+        opens = [_node("if", True) for _ in range(depth)]
+        return _blocks(*opens, *[_node("end", Ref(1 + depth - i)) for i in range(depth)])
+    _check(nested(32))
+    with pytest.raises(LimitError, match="max_block_depth"):
+        _check(nested(33))
+    _check(nested(3), limits=GraphLimits(max_block_depth=3))
+    with pytest.raises(LimitError, match=r"max_block_depth\) is 3"):
+        _check(nested(4), limits=GraphLimits(max_block_depth=3))
+
+
+def test_only_the_current_ir_version_is_accepted() -> None:
+    assert SUPPORTED_IR_VERSIONS == (IR_VERSION,) and IR_VERSION == 2
+    with pytest.raises(VersionError, match="version 1 is not supported"):
+        _check(_doc(_read(), version=1))

@@ -39,8 +39,6 @@ REFERENCE = json.loads((HERE / "reference.json").read_text())
 # What each missing feature is, and what farscope offers instead (the errors users see say the same).
 _LIST_SAVE = ("`list().save()` on Python's builtin list: NNsight mounts `.save` onto every object with a C "
               "extension; farscope does not patch builtins (use `farscope.list()` or `farscope.save([])`)")
-_CONTROL_FLOW = ("Python `if`/`for` on a traced value inside a trace needs control-flow lowering into "
-                 "graph nodes (server IR change; use torch.where meanwhile)")
 _SESSION_PYTHON = ("Python between the traces of a session records session-level nodes, but `list(hs.shape)` "
                    "needs the shape while recording (the server-side meta-tensor scan)")
 _SHAPES = ("shapes while recording (`B, S, H = x.shape`) need the server-side meta-tensor scan that "
@@ -50,9 +48,6 @@ XFAIL: dict[str, str] = {
     "iter_all_ablate": _LIST_SAVE,
     "session_list_over_traces": _LIST_SAVE,
     "loop_layers_list_save": _LIST_SAVE,
-    "conditional_if": _CONTROL_FLOW,
-    "conditional_norm": _CONTROL_FLOW,
-    "stop_on_eos": _CONTROL_FLOW,
     "session_python_between_traces": _SESSION_PYTHON,
     "ablation_mean": ("values appended to a list made outside the trace, unsaved, are used after it: only "
                       "reading the trace's source could find them (control-flow lowering)"),
