@@ -44,6 +44,9 @@ __all__ = ["ClusterEngine", "Dispatcher", "start_ingress"]
 
 log = logging.getLogger(__name__)
 
+# A job that no replica has taken after this long tells its client why it waits (a log event).
+WAIT_NOTICE_SECONDS = 2.0
+
 
 class Dispatcher:
     """A model's scheduler at the ingress (the part of scheduler.Scheduler the engine calls): jobs go to
@@ -127,15 +130,17 @@ class Dispatcher:
         stream = self._handle.run.remote(job.id, job.user, job.payload)
         self._streams[job.id] = stream
         try:
-            async for item in stream:
-                if isinstance(item, Finished):
-                    job.finish(Results(item.document, [memoryview(blob) for blob in item.blobs], item.run_seconds))
-                    return
-                if item.kind == "error":
-                    job.fail(item.error if item.error is not None else FarscopeError("the job failed"))
-                    return
-                job.emit(item)
-            job.fail(TransportError(f"model {self.name}: the replica ended the job without an outcome; retry"))
+            items = aiter(stream)
+            accepted = asyncio.ensure_future(anext(items, None))  # a replica has the job: its `queued` event
+            done, _ = await asyncio.wait({accepted}, timeout=WAIT_NOTICE_SECONDS)
+            if not done:
+                job.emit(Event("log", text=f"waiting for a replica of model {self.name}: every replica is busy, "
+                                           "or one is starting (a deployment scaled to zero starts one now)"))
+            item = await accepted
+            while item is not None and not self._mirror(job, item):
+                item = await anext(items, None)
+            if item is None:
+                job.fail(TransportError(f"model {self.name}: the replica ended the job without an outcome; retry"))
         except (RequestCancelledError, asyncio.CancelledError):
             job.fail(CancelledError("the job was cancelled"))
         except Exception as e:  # the replica died, or Serve could not reach one: the client may retry
@@ -145,6 +150,20 @@ class Dispatcher:
                                     f"({type(e).__name__}); retry, another replica will take it"))
         finally:
             self._streams.pop(job.id, None)
+
+
+    @staticmethod
+    def _mirror(job: Job, item: Event | Finished) -> bool:
+        """Record what the replica sent on the ingress's job; True once the job has ended."""
+        if isinstance(item, Finished):
+            job.finish(Results(item.document, [memoryview(blob) for blob in item.blobs], item.run_seconds))
+            return True
+        if item.kind == "error":
+            job.fail(item.error if item.error is not None else FarscopeError("the job failed"))
+            return True
+        if item.kind != "queued":  # queued at the ingress already (with its place here)
+            job.emit(item)
+        return False
 
 
 class ClusterEngine(Engine):

@@ -203,8 +203,7 @@ class ModelReplica:
                     result = job.result
                     yield Finished(result.document, [blob.tobytes() for blob in result.blobs], result.run_seconds)
                     return
-                if event.kind != "queued":  # the ingress says where the job waits
-                    yield event
+                yield event  # `queued` first: the ingress learns that a replica has the job
         finally:  # the ingress cancelled the call (its client cancelled), or the stream broke
             if job.finished is None:
                 self.engine.cancel(job)

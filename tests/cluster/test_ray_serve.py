@@ -36,15 +36,22 @@ CLIENTS = 32
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[None]:
-    """A local Ray instance (4 logical CPUs on this 2-core machine) with Serve, and no HTTP proxy."""
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    """A Ray cluster of two nodes on 127.0.0.1 (a head and a second node: each its own raylet and
+    object store, 2 logical CPUs each on this 2-core machine) with Serve, and no HTTP proxy."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    assert len([node for node in ray.nodes() if node["Alive"]]) == 2
     serve.start(proxy_location="Disabled")
     try:
         yield
     finally:
         serve.shutdown()
         ray.shutdown()
+        cluster.shutdown()
 
 
 def deploy(spec: Any) -> None:
@@ -126,6 +133,11 @@ def test_serve_options_are_checked(tiny_spec: Callable[..., Any]) -> None:
 def test_concurrent_clients_match_a_single_box_solo_run(two_replicas: farscope.RemoteModel,
                                                         tiny_server: Any) -> None:
     assert replica_count("tiny-llama") == 2
+    # Where the replicas are (GCS's actor table: the state API would need the dashboard).
+    actors = ray._private.state.actors().values()
+    nodes = {actor["Address"]["NodeID"] for actor in actors
+             if actor["State"] == "ALIVE" and actor["ActorClassName"] == "ServeReplica:tiny-llama:tiny-llama"}
+    assert len(nodes) == 2, "Serve spreads a deployment's replicas over the nodes"
     solo = solo_runs(tiny_server, CLIENTS)
     started = time.perf_counter()
     clustered = concurrently(lambda index: traced(two_replicas, index), CLIENTS)
@@ -238,3 +250,31 @@ def test_autoscaling_goes_up_under_load_and_down_when_idle(ray_cluster: None,
         ingress.stop(grace=1.0)
         serve.delete(spec.name)
 
+
+
+@pytest.mark.filterwarnings("ignore:The `metrics_interval_s` field:DeprecationWarning")
+def test_scaled_to_zero_the_first_request_waits_for_a_replica_and_says_so(
+        ray_cluster: None, tiny_spec: Callable[..., Any], tiny_server: Any) -> None:
+    spec = tiny_spec("llama", name="tiny-zero", serve={
+        "min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 1, "look_back_period_s": 2,
+        "metrics_interval_s": 0.5, "num_cpus": 0.5})
+    deploy(spec)
+    ingress = start_ingress([spec.name])  # asks a replica for the model's description: one starts
+    lines: list[str] = []
+    model = farscope.RemoteModel(spec.name, address=f"127.0.0.1:{ingress.port}", on_log=lines.append)
+    try:
+        deadline = time.monotonic() + 60
+        while replica_count(spec.name) > 0:
+            assert time.monotonic() < deadline, "the idle deployment did not scale to zero"
+            time.sleep(0.2)
+        started = time.perf_counter()
+        got = traced(model, 0)
+        cold = time.perf_counter() - started
+        want = solo_runs(tiny_server, 1)[0]
+        assert all(torch.equal(got[name], want[name]) for name in want)
+        assert any("waiting for a replica of model tiny-zero" in line for line in lines), lines
+        print(f"\nfrom zero replicas: the first request took {cold:.1f} s")
+    finally:
+        model.close()
+        ingress.stop(grace=1.0)
+        serve.delete(spec.name)
