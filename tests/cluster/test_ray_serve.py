@@ -8,7 +8,11 @@ Skipped where ray[serve] is not installed (`make test` installs it: the `cluster
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -87,18 +91,36 @@ def generated(model: farscope.RemoteModel, *, close: bool = True) -> torch.Tenso
             model.close()
 
 
-def solo_runs(server: Any, count: int) -> list[dict[str, torch.Tensor]]:
-    """Each client's trace on the single box, one at a time (nothing shares a pass) and with one torch
+@pytest.fixture(scope="module")
+def solo_box(tiny_model_dirs: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The single box: `farscope serve` with the same tiny model, in a process of its own with one torch
     thread, as the replicas run (OMP_NUM_THREADS=1): with two, a batched matmul may split its work
-    differently from a one-row one (tests/load/test_scheduling.py, `one_thread`)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    reference = farscope.RemoteModel("tiny-llama", address=f"127.0.0.1:{server.port}")
+    differently from a one-row one (tests/load/test_scheduling.py, `one_thread`). Its own process, so
+    that no thread setting reaches the session's in-process servers. Yields its address."""
+    config = tmp_path_factory.mktemp("solo") / "models.toml"
+    config.write_text(f'[[models]]\nname = "tiny-llama"\nsource = "{tiny_model_dirs["llama"]}"\n')
+    process = subprocess.Popen([sys.executable, "-m", "farscope.server.cli", "serve", "--config", str(config),
+                                "--port", "0", "--no-auth"], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        assert process.stdout is not None
+        line = ""
+        while not line.startswith("farscope: serving"):
+            line = process.stdout.readline()
+            assert line, f"the single-box server exited early with {process.poll()}"
+        yield line.rsplit(" ", 1)[1].strip()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def solo_runs(address: str, count: int) -> list[dict[str, torch.Tensor]]:
+    """Each client's trace on the single box, one at a time: nothing shares a pass."""
+    reference = farscope.RemoteModel("tiny-llama", address=address)
     try:
         return [traced(reference, index) for index in range(count)]
     finally:
         reference.close()
-        torch.set_num_threads(threads)
 
 
 def concurrently(function: Callable[[int], Any], count: int) -> list[Any]:
@@ -131,14 +153,14 @@ def test_serve_options_are_checked(tiny_spec: Callable[..., Any]) -> None:
 
 
 def test_concurrent_clients_match_a_single_box_solo_run(two_replicas: farscope.RemoteModel,
-                                                        tiny_server: Any) -> None:
+                                                        solo_box: str) -> None:
     assert replica_count("tiny-llama") == 2
     # Where the replicas are (GCS's actor table: the state API would need the dashboard).
     actors = ray._private.state.actors().values()
     nodes = {actor["Address"]["NodeID"] for actor in actors
              if actor["State"] == "ALIVE" and actor["ActorClassName"] == "ServeReplica:tiny-llama:tiny-llama"}
     assert len(nodes) == 2, "Serve spreads a deployment's replicas over the nodes"
-    solo = solo_runs(tiny_server, CLIENTS)
+    solo = solo_runs(solo_box, CLIENTS)
     started = time.perf_counter()
     clustered = concurrently(lambda index: traced(two_replicas, index), CLIENTS)
     seconds = time.perf_counter() - started
@@ -148,7 +170,7 @@ def test_concurrent_clients_match_a_single_box_solo_run(two_replicas: farscope.R
     print(f"\n{CLIENTS} concurrent clients through the ingress, 2 replicas: {seconds:.2f} s")
 
 
-def test_the_ingress_runs_as_a_serve_application_too(two_replicas: farscope.RemoteModel, tiny_server: Any,
+def test_the_ingress_runs_as_a_serve_application_too(two_replicas: farscope.RemoteModel, solo_box: str,
                                                     tiny_model_dirs: dict[str, Any], tmp_path: Any) -> None:
     # As deploy/ray/serve.yaml runs it: ingress_app reads the models file and serves each model's app.
     models_file = tmp_path / "models.toml"
@@ -160,7 +182,7 @@ def test_the_ingress_runs_as_a_serve_application_too(two_replicas: farscope.Remo
                            "num_cpus": 0.25, "no_auth": True}), name=INGRESS_APP, route_prefix=None)
     model = farscope.RemoteModel("tiny-llama", address=f"127.0.0.1:{port}")
     try:
-        want = solo_runs(tiny_server, 2)
+        want = solo_runs(solo_box, 2)
         for index in range(2):
             got = traced(model, index)
             assert all(torch.equal(got[name], want[index][name]) for name in want[index])
@@ -170,9 +192,9 @@ def test_the_ingress_runs_as_a_serve_application_too(two_replicas: farscope.Remo
 
 
 def test_a_lost_replica_fails_its_jobs_retryably_and_the_other_serves_on(two_replicas: farscope.RemoteModel,
-                                                                          tiny_server: Any) -> None:
+                                                                          solo_box: str) -> None:
     # Generation (100 forward passes a job), so that both replicas have jobs running when one is killed.
-    want = generated(farscope.RemoteModel("tiny-llama", address=f"127.0.0.1:{tiny_server.port}"))
+    want = generated(farscope.RemoteModel("tiny-llama", address=solo_box))
     stop = threading.Event()
     outcomes: list[tuple[float, Any]] = []  # (when, logits or the error), from 4 clients in a loop
 
@@ -254,7 +276,7 @@ def test_autoscaling_goes_up_under_load_and_down_when_idle(ray_cluster: None,
 
 @pytest.mark.filterwarnings("ignore:The `metrics_interval_s` field:DeprecationWarning")
 def test_scaled_to_zero_the_first_request_waits_for_a_replica_and_says_so(
-        ray_cluster: None, tiny_spec: Callable[..., Any], tiny_server: Any) -> None:
+        ray_cluster: None, tiny_spec: Callable[..., Any], solo_box: str) -> None:
     spec = tiny_spec("llama", name="tiny-zero", serve={
         "min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 1, "look_back_period_s": 2,
         "metrics_interval_s": 0.5, "num_cpus": 0.5})
@@ -270,7 +292,7 @@ def test_scaled_to_zero_the_first_request_waits_for_a_replica_and_says_so(
         started = time.perf_counter()
         got = traced(model, 0)
         cold = time.perf_counter() - started
-        want = solo_runs(tiny_server, 1)[0]
+        want = solo_runs(solo_box, 1)[0]
         assert all(torch.equal(got[name], want[name]) for name in want)
         assert any("waiting for a replica of model tiny-zero" in line for line in lines), lines
         print(f"\nfrom zero replicas: the first request took {cold:.1f} s")
