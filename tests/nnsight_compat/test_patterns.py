@@ -41,10 +41,6 @@ _LIST_SAVE = ("`list().save()` on Python's builtin list: NNsight mounts `.save` 
               "extension; farscope does not patch builtins (use `farscope.list()` or `farscope.save([])`)")
 _CONTROL_FLOW = ("Python `if`/`for` on a traced value inside a trace needs control-flow lowering into "
                  "graph nodes (server IR change; use torch.where meanwhile)")
-_SESSION_PYTHON = ("Python between the traces of a session records session-level nodes, but `list(hs.shape)` "
-                   "needs the shape while recording (the server-side meta-tensor scan)")
-_SHAPES = ("shapes while recording (`B, S, H = x.shape`) need the server-side meta-tensor scan that "
-           "gives proxies their shapes")
 XFAIL: dict[str, str] = {
     "generate_list_save_per_step": _LIST_SAVE,
     "iter_all_ablate": _LIST_SAVE,
@@ -53,13 +49,10 @@ XFAIL: dict[str, str] = {
     "conditional_if": _CONTROL_FLOW,
     "conditional_norm": _CONTROL_FLOW,
     "stop_on_eos": _CONTROL_FLOW,
-    "session_python_between_traces": _SESSION_PYTHON,
     "ablation_mean": ("values appended to a list made outside the trace, unsaved, are used after it: only "
                       "reading the trace's source could find them (control-flow lowering)"),
     "backward_after_trace": ("`.backward()` on saved values after the trace: the autograd graph lives on "
                              "the server and ends with the request"),
-    "ablation_head": _SHAPES,
-    "per_head_read": _SHAPES,
     "source_operation": "`.source` needs the server to instrument its modules' forward code",
     "skip_with_zeros": ("a skip whose value is computed from the skipped module's own input: the executor "
                         "must resolve the value inside the module's forward pre-hook (server: executor)"),
@@ -67,7 +60,6 @@ XFAIL: dict[str, str] = {
                           "reached through model.edit)"),
     "backward_twice": ("a second backward() (retain_graph) from a value computed after the first: the "
                        "executor refuses it as not computed from activations (server: executor)"),
-    "scan_shapes": "`model.scan()` needs the server-side meta-tensor scan",
 }
 
 
