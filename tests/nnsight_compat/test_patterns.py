@@ -54,12 +54,6 @@ XFAIL: dict[str, str] = {
     "backward_after_trace": ("`.backward()` on saved values after the trace: the autograd graph lives on "
                              "the server and ends with the request"),
     "source_operation": "`.source` needs the server to instrument its modules' forward code",
-    "skip_with_zeros": ("a skip whose value is computed from the skipped module's own input: the executor "
-                        "must resolve the value inside the module's forward pre-hook (server: executor)"),
-    "edit_inplace_skip": ("a skip whose value is the skipped module's own input (the same executor change, "
-                          "reached through model.edit)"),
-    "backward_twice": ("a second backward() (retain_graph) from a value computed after the first: the "
-                       "executor refuses it as not computed from activations (server: executor)"),
 }
 
 
