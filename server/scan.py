@@ -43,8 +43,9 @@ from .inputs import build_batch, rows_of
 
 __all__ = ["Scanner", "TensorMeta", "ScanDocument", "ROWS", "LENGTH", "MODULES"]
 
-# Distinct input shapes remembered per model: each entry is a few KiB.
-CACHE_ENTRIES = 256
+# Distinct input shapes remembered per model: an entry is a few KiB for a small model, some hundred
+# KiB for one of a thousand modules.
+CACHE_ENTRIES = 64
 # A tensor made from sizes alone (arange, ones, full) is real when at most this many elements: such
 # tensors are positions and masks, whose values the model's own checks read.
 REAL_FACTORY_ELEMENTS = 1 << 22
