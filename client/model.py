@@ -9,20 +9,21 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
-from farscope.interventions import ops
+from farscope.interventions import codec, ops
 from farscope.interventions.errors import TraceError
-from farscope.interventions.graph import Node, Ref, map_args
+from farscope.interventions.graph import INVOKES, IR_VERSION, NODES, VERSION, Node, Ref, Segment, map_args
 
 from . import tracer_stack
 from .envoy import Envoy, build_tree
 from .runner import Job, Runner
 from .tokenizer import load_tokenizer
-from .tracing import Session, Tracer
+from .tracing import Scan, Session, Tracer
 from .transport import Transport
 
 __all__ = ["RemoteModel", "DEFAULT_ADDRESS"]
 
 DEFAULT_ADDRESS = "localhost:50051"
+_SCANS_KEPT = 64  # scans of distinct inputs a handle remembers
 
 
 class RemoteModel:
@@ -49,6 +50,7 @@ class RemoteModel:
         # `tracer.log(...)` lines go to `on_log` while a job runs (NNsight prints remote prints).
         self._runner = Runner(self, self._transport, on_log or (lambda text: print(text, flush=True)))
         self._edits: list[Edit] = []  # model.edit(): recorded into every invoke of this handle's traces
+        self._scans: dict[bytes, dict[str, Any]] = {}  # the server's scans, by encoded inputs
 
     # -- what the server told us ---------------------------------------------------------------
 
@@ -150,12 +152,24 @@ class RemoteModel:
         self._runner = Runner(self, self._transport, self._runner.on_log)
         self._edits = edits
 
-    # -- NNsight features farscope does not have (yet) ---------------------------------------------
+    # -- shapes while recording ----------------------------------------------------------------
 
-    def scan(self, *args: Any, **kwargs: Any) -> Any:
-        raise TraceError("model.scan() (NNsight's shape pass on fake tensors) is not supported yet: read "
-                         "shapes from a saved value of a real trace (x.save(), then x.shape), or from "
-                         "model.config")
+    def scan(self, inputs: Any = None, *, remote: bool | None = None) -> Scan:
+        """`with model.scan(prompt):` records as a trace does, and runs nothing: values have their
+        shapes and dtypes (the server's meta-tensor scan), and saved ones are meta tensors afterwards,
+        as NNsight's scan gives fake tensors. Shapes are known inside `model.trace` too."""
+        return Scan(self, inputs, runner=self._runner, edits=self._edits)
+
+    def scan_document(self, segment: Segment) -> dict[str, Any]:
+        """The server's scan of a trace's inputs (cached on this handle by inputs)."""
+        document = codec.encode({VERSION: IR_VERSION, INVOKES: list(segment.invokes), NODES: []})
+        found = self._scans.get(document)
+        if found is None:
+            found = self._transport.scan(self.name, document)
+            if len(self._scans) >= _SCANS_KEPT:
+                self._scans.pop(next(iter(self._scans)))
+            self._scans[document] = found
+        return found
 
     # -- the module tree -----------------------------------------------------------------------
 

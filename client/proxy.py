@@ -27,9 +27,13 @@ from farscope.interventions.graph import Node, Ref, map_args
 from .lowering import truth
 from .tracer_stack import OpenTracer, innermost_tracer
 
-__all__ = ["Proxy", "SavedTensor", "to_argument", "unwrap"]
+__all__ = ["Proxy", "SavedTensor", "Shape", "to_argument", "unwrap"]
 
 _UNSET = object()
+# What a value tells about itself while recording, as NNsight's fake-tensor pass does: read off its
+# meta value (shapes.py) when that is known, else recorded as before (the server computes it).
+_KNOWN_ATTRIBUTES = frozenset({"shape", "ndim", "dtype"})
+_KNOWN_METHODS = frozenset({"size", "dim", "numel"})
 # Fields of torch's named results (`x.topk(k).indices`) that are also (sparse) Tensor attributes.
 _RESULT_FIELDS = frozenset({"values", "indices"})
 
@@ -88,6 +92,17 @@ class Proxy:
         """Why a saved value did not come back (e.g. its generation step was never reached), or None."""
         return self._missing
 
+    def meta(self, default: Any = _UNSET) -> Any:
+        """This value's shape and dtype while recording, as a meta tensor (or a container of them): from
+        the server's scan of the trace's inputs and the recorded ops, run on meta tensors here.
+        Raises TraceError saying why when it cannot be known, unless a `default` is given."""
+        try:
+            return self._tracer.shapes.of(self._node.id)
+        except TraceError as e:  # shapes.ShapeUnknown: why it cannot be known
+            if default is not _UNSET:
+                return default
+            raise TraceError(f"the shape of %{self._node.id} is not known while recording: {e}") from None
+
     def set_value(self, value: Any) -> None:
         """Fill this saved proxy with the value the server computed (done when a request finishes)."""
         object.__setattr__(self, "_value", value)
@@ -133,9 +148,17 @@ class Proxy:
         tracer = _recorder(self)
         if self.has_value or tracer is None:
             return getattr(self.value, name)
+        if name in _KNOWN_ATTRIBUTES:
+            meta = self.meta(default=None)
+            if isinstance(meta, torch.Tensor):
+                return _known(getattr(meta, name))
         op = ops.method_op(name)
         if op is not None:
             def method(*args: Any, **kwargs: Any) -> Proxy:
+                if name in _KNOWN_METHODS and not any(_is_traced(a) for a in (*args, *kwargs.values())):
+                    meta = self.meta(default=None)
+                    if isinstance(meta, torch.Tensor):
+                        return _known(getattr(meta, name)(*args, **kwargs))
                 return tracer.record(op, (self, *args), kwargs)
             return method
         if name in ops.TENSOR_ATTRIBUTES:
@@ -196,7 +219,9 @@ class Proxy:
     def __len__(self) -> int:
         if self.has_value:
             return len(self._value)
-        raise TraceError("len() of a proxy is unknown inside a trace; use x.shape[0] (a proxy) instead")
+        if _recorder(self) is None:
+            raise TraceError(f"%{self._node.id} has no value: it was not saved, or its trace has not run")
+        return len(self.meta())
 
     def __float__(self) -> float:
         return float(self.value)
@@ -220,6 +245,33 @@ class Proxy:
         return format(self.value, spec) if self.has_value else repr(self)
 
     __hash__ = object.__hash__
+
+
+class Shape(tuple):
+    """A shape known while recording: a tuple of ints equal to (and printed as) the `torch.Size` the
+    server will see, which also takes NNsight's `.save()` (torch.Size cannot be subclassed). It is
+    already the value: `.save()` returns it, `.value` is the `torch.Size`; in a graph it is one."""
+
+    def save(self) -> Shape:
+        return self
+
+    @property
+    def value(self) -> torch.Size:
+        return torch.Size(self)
+
+    def numel(self) -> int:
+        return self.value.numel()
+
+    def __getitem__(self, index: Any) -> Any:
+        item = super().__getitem__(index)
+        return Shape(item) if isinstance(index, slice) else item
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+def _known(value: Any) -> Any:
+    return Shape(value) if isinstance(value, torch.Size) else value
 
 
 class _Backward:
@@ -366,6 +418,10 @@ class SavedTensor(torch.Tensor):
     __hash__ = torch.Tensor.__hash__
 
 
+def _is_traced(value: Any) -> bool:
+    return isinstance(value, (Proxy, SavedTensor))
+
+
 def _as_proxies(value: Any) -> Any:
     return map_args(value, lambda v: v.proxy if isinstance(v, SavedTensor) else v)
 
@@ -390,7 +446,19 @@ def to_argument(value: Any, tracer: OpenTracer) -> Any:
         if isinstance(v, torch.nn.Parameter):
             return v.detach()
         return v
-    return map_args(value, convert)
+    return map_args(_sizes(value), convert)
+
+
+def _sizes(value: Any) -> Any:
+    """Each `Shape` in a nested argument made the `torch.Size` it stands for (a leaf of the graph)."""
+    if isinstance(value, Shape):
+        return value.value
+    if isinstance(value, list | tuple) and not isinstance(value, torch.Size) and any(
+            isinstance(v, list | tuple | dict) for v in value):
+        return type(value)(_sizes(v) for v in value) if type(value) in (list, tuple) else value
+    if isinstance(value, dict):
+        return {k: _sizes(v) for k, v in value.items()}
+    return value
 
 
 def _recorder(proxy: Proxy) -> OpenTracer | None:

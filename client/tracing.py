@@ -26,8 +26,9 @@ from . import tracer_stack
 from .lowering import Branches
 from .proxy import Proxy, SavedTensor, to_argument
 from .runner import Job, Request, Runner
+from .shapes import LENGTH, Shapes, ShapeUnknown
 
-__all__ = ["Tracer", "Session", "Cache", "CacheEntry", "Barrier", "SavedList", "SavedDict", "save"]
+__all__ = ["Tracer", "Scan", "Session", "Cache", "CacheEntry", "Barrier", "SavedList", "SavedDict", "save"]
 
 # Frames inside these folders are farscope's or torch's own; the first frame outside is the user's.
 _INTERNAL = tuple(
@@ -61,6 +62,7 @@ class Session:
         self.between: Tracer | None = None
         self.is_open = False
         self._runner = runner
+        self.shapes = Shapes(self.request.graph, _scans_of(model))  # its traces' values' shapes
 
     def __enter__(self) -> Session:
         if tracer_stack.session_of(self.model) is not None:
@@ -178,6 +180,8 @@ class Tracer:
         self._step_block: _StepBlock | None = None  # an open `with tracer.iter[...]:` body
         self._containers: list[SavedList | SavedDict] = []
         self.branches = Branches(self)  # conditional blocks open in this trace (lowering.py)
+        # Shapes while recording (shapes.py): a session's traces share their request's.
+        self.shapes = self.session.shapes if self.session is not None else Shapes(self.graph, _scans_of(model))
 
     @property
     def steps(self) -> int:
@@ -213,6 +217,7 @@ class Tracer:
             return
         if not self.segment.invokes:
             raise TraceError("nothing to run: pass an input to model.trace(...) or use tracer.invoke(...)")
+        self._check_shapes_read()
         if self.session is not None:
             self.session.containers.extend(self._containers)
             self.session.between = self
@@ -221,6 +226,18 @@ class Tracer:
             _fill_containers(self._containers)
         else:
             self.job = self._runner.submit(self._request)
+
+    def _check_shapes_read(self) -> None:
+        """Shapes read while recording hold for the batch of the invokes given so far; a later, longer
+        invoke pads every row further. Refuse rather than run a graph built on stale shapes."""
+        read_for = self.shapes.lengths.get(id(self.segment))
+        if read_for is None:
+            return
+        length = self.model.scan_document(self.segment)[LENGTH]
+        if length != read_for:
+            raise TraceError(f"shapes were read while recording for a batch padded to {read_for} tokens, but "
+                             f"the later invokes pad it to {length}: read shapes after the longest invoke, or "
+                             "put the longest input first")
 
     def _apply_edits(self) -> None:
         """Record the model's persistent edits (`model.edit()`) into the current invoke."""
@@ -451,6 +468,46 @@ class Tracer:
         """Send back what `container` holds when this trace ends (its proxies are saved then)."""
         self._check_open()
         self._containers.append(container)
+
+
+class Scan(Tracer):
+    """`with model.scan(input):` (NNsight's scan): records as a trace does and sends nothing to run.
+
+    Inside it, values know their shapes and dtypes (from the server's meta-tensor scan of the inputs);
+    when the block ends, each saved value is its meta tensor (shape and dtype, no data), or, where no
+    shape can be known, missing with the reason. It never joins a session.
+    """
+
+    def __init__(self, model: Any, inputs: Any = None, *, runner: Runner,
+                 edits: Iterable[Callable[[Tracer], None]] = ()) -> None:
+        super().__init__(model, inputs, runner=runner, edits=edits)
+        self.session = None
+        self._request = Request()
+        self.graph = self._request.graph
+        self.shapes = Shapes(self.graph, _scans_of(model))
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            for container in self._containers:
+                container.save_items()
+        tracer_stack.pop_tracer(self)
+        self.is_open = False
+        self._invoke = None
+        if exc_type is not None:
+            return
+        if not self.segment.invokes:
+            raise TraceError("nothing to scan: pass an input to model.scan(...) or use tracer.invoke(...)")
+        for proxy in self._request.saved.values():
+            try:
+                proxy.set_value(self.shapes.of(proxy.node.id))
+            except ShapeUnknown as e:
+                proxy.set_missing(f"its shape is unknown while scanning: {e}")
+        _fill_containers(self._containers)
+
+
+def _scans_of(model: Any) -> Callable[[Any], Any]:
+    """The model's scan of a segment's inputs, looked up when a shape is first asked for."""
+    return lambda segment: model.scan_document(segment)
 
 
 def _module_path(key: str) -> str:

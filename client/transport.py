@@ -144,6 +144,13 @@ class Transport:
             return self._stub.Cancel(pb.JobRequest(job_id=job_id), metadata=self._metadata,
                                      timeout=self.timeout).state
 
+    def scan(self, model: str, document: bytes, *, ir_version: int = IR_VERSION) -> Any:
+        """The server's scan (module shapes and dtypes) of the inputs in `document`, decoded."""
+        with _mapped():
+            reply = self._stub.Scan(pb.ScanRequest(model=model, ir_version=ir_version, document=document),
+                                    metadata=self._metadata, timeout=self.timeout)
+        return codec.decode_results(reply.document, [])
+
     # -- plumbing ------------------------------------------------------------------------------
 
     def _with_uploads(self, graph: Graph | bytes, call: Callable[[bytes], Any]) -> Any:

@@ -24,51 +24,55 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x61rscope/proto/farscope.proto\x12\x0b\x66\x61rscope.v1\"\x1c\n\nJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\")\n\x08JobState\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\"\x13\n\x11ListModelsRequest\"Y\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x16\n\x0enum_parameters\x18\x03 \x01(\x03\x12\r\n\x05\x64type\x18\x04 \x01(\t\"l\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.farscope.v1.ModelSummary\x12\x16\n\x0eserver_version\x18\x02 \x01(\t\x12\x13\n\x0bir_versions\x18\x03 \x03(\r\"$\n\x14\x44\x65scribeModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\".\n\nModuleInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nclass_name\x18\x02 \x01(\t\"\xa5\x01\n\x10ModelDescription\x12*\n\x07summary\x18\x01 \x01(\x0b\x32\x19.farscope.v1.ModelSummary\x12(\n\x07modules\x18\x02 \x03(\x0b\x32\x17.farscope.v1.ModuleInfo\x12\x0c\n\x04repr\x18\x03 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x18\n\x10tokenizer_sha256\x18\x05 \x01(\t\"E\n\tFileChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04size\x18\x04 \x01(\x04\"_\n\rRequestHeader\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0e\x63lient_version\x18\x02 \x01(\t\x12\x12\n\nir_version\x18\x03 \x01(\r\x12\x13\n\x0bgraph_bytes\x18\x04 \x01(\x04\"]\n\x0e\x45xecuteRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.farscope.v1.RequestHeaderH\x00\x12\x15\n\x0bgraph_chunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"*\n\x06Queued\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\r\"\x19\n\x07Running\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x0cResultHeader\x12\x12\n\nblob_sizes\x18\x01 \x03(\x04\"9\n\x0bResultChunk\x12\x0c\n\x04\x62lob\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"+\n\x04\x44one\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0brun_seconds\x18\x02 \x01(\x01\"7\n\x08Progress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\r\n\x05total\x18\x03 \x01(\r\"\x17\n\x07LogLine\x12\x0c\n\x04text\x18\x01 \x01(\t\"\xb2\x02\n\x0c\x45xecuteEvent\x12%\n\x06queued\x18\x01 \x01(\x0b\x32\x13.farscope.v1.QueuedH\x00\x12\'\n\x07running\x18\x02 \x01(\x0b\x32\x14.farscope.v1.RunningH\x00\x12+\n\x06result\x18\x03 \x01(\x0b\x32\x19.farscope.v1.ResultHeaderH\x00\x12)\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x18.farscope.v1.ResultChunkH\x00\x12!\n\x04\x64one\x18\x05 \x01(\x0b\x32\x11.farscope.v1.DoneH\x00\x12#\n\x03log\x18\x06 \x01(\x0b\x32\x14.farscope.v1.LogLineH\x00\x12)\n\x08progress\x18\x07 \x01(\x0b\x32\x15.farscope.v1.ProgressH\x00\x42\x07\n\x05\x65vent2\xb6\x04\n\x08\x46\x61rscope\x12M\n\nListModels\x12\x1e.farscope.v1.ListModelsRequest\x1a\x1f.farscope.v1.ListModelsResponse\x12Q\n\rDescribeModel\x12!.farscope.v1.DescribeModelRequest\x1a\x1d.farscope.v1.ModelDescription\x12K\n\x0cGetTokenizer\x12!.farscope.v1.DescribeModelRequest\x1a\x16.farscope.v1.FileChunk0\x01\x12\x45\n\x07\x45xecute\x12\x1b.farscope.v1.ExecuteRequest\x1a\x19.farscope.v1.ExecuteEvent(\x01\x30\x01\x12<\n\x06Submit\x12\x1b.farscope.v1.ExecuteRequest\x1a\x13.farscope.v1.Queued(\x01\x12=\n\x05Watch\x12\x17.farscope.v1.JobRequest\x1a\x19.farscope.v1.ExecuteEvent0\x01\x12=\n\x05\x46\x65tch\x12\x17.farscope.v1.JobRequest\x1a\x19.farscope.v1.ExecuteEvent0\x01\x12\x38\n\x06\x43\x61ncel\x12\x17.farscope.v1.JobRequest\x1a\x15.farscope.v1.JobStateb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x61rscope/proto/farscope.proto\x12\x0b\x66\x61rscope.v1\"B\n\x0bScanRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nir_version\x18\x02 \x01(\r\x12\x10\n\x08\x64ocument\x18\x03 \x01(\x0c\"\x1e\n\nScanResult\x12\x10\n\x08\x64ocument\x18\x01 \x01(\x0c\"\x1c\n\nJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\")\n\x08JobState\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\"\x13\n\x11ListModelsRequest\"Y\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x16\n\x0enum_parameters\x18\x03 \x01(\x03\x12\r\n\x05\x64type\x18\x04 \x01(\t\"l\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.farscope.v1.ModelSummary\x12\x16\n\x0eserver_version\x18\x02 \x01(\t\x12\x13\n\x0bir_versions\x18\x03 \x03(\r\"$\n\x14\x44\x65scribeModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\".\n\nModuleInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nclass_name\x18\x02 \x01(\t\"\xa5\x01\n\x10ModelDescription\x12*\n\x07summary\x18\x01 \x01(\x0b\x32\x19.farscope.v1.ModelSummary\x12(\n\x07modules\x18\x02 \x03(\x0b\x32\x17.farscope.v1.ModuleInfo\x12\x0c\n\x04repr\x18\x03 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x18\n\x10tokenizer_sha256\x18\x05 \x01(\t\"E\n\tFileChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04size\x18\x04 \x01(\x04\"_\n\rRequestHeader\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0e\x63lient_version\x18\x02 \x01(\t\x12\x12\n\nir_version\x18\x03 \x01(\r\x12\x13\n\x0bgraph_bytes\x18\x04 \x01(\x04\"]\n\x0e\x45xecuteRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.farscope.v1.RequestHeaderH\x00\x12\x15\n\x0bgraph_chunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"*\n\x06Queued\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\r\"\x19\n\x07Running\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x0cResultHeader\x12\x12\n\nblob_sizes\x18\x01 \x03(\x04\"9\n\x0bResultChunk\x12\x0c\n\x04\x62lob\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"+\n\x04\x44one\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0brun_seconds\x18\x02 \x01(\x01\"7\n\x08Progress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\r\n\x05total\x18\x03 \x01(\r\"\x17\n\x07LogLine\x12\x0c\n\x04text\x18\x01 \x01(\t\"\xb2\x02\n\x0c\x45xecuteEvent\x12%\n\x06queued\x18\x01 \x01(\x0b\x32\x13.farscope.v1.QueuedH\x00\x12\'\n\x07running\x18\x02 \x01(\x0b\x32\x14.farscope.v1.RunningH\x00\x12+\n\x06result\x18\x03 \x01(\x0b\x32\x19.farscope.v1.ResultHeaderH\x00\x12)\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x18.farscope.v1.ResultChunkH\x00\x12!\n\x04\x64one\x18\x05 \x01(\x0b\x32\x11.farscope.v1.DoneH\x00\x12#\n\x03log\x18\x06 \x01(\x0b\x32\x14.farscope.v1.LogLineH\x00\x12)\n\x08progress\x18\x07 \x01(\x0b\x32\x15.farscope.v1.ProgressH\x00\x42\x07\n\x05\x65vent2\xf1\x04\n\x08\x46\x61rscope\x12M\n\nListModels\x12\x1e.farscope.v1.ListModelsRequest\x1a\x1f.farscope.v1.ListModelsResponse\x12Q\n\rDescribeModel\x12!.farscope.v1.DescribeModelRequest\x1a\x1d.farscope.v1.ModelDescription\x12K\n\x0cGetTokenizer\x12!.farscope.v1.DescribeModelRequest\x1a\x16.farscope.v1.FileChunk0\x01\x12\x45\n\x07\x45xecute\x12\x1b.farscope.v1.ExecuteRequest\x1a\x19.farscope.v1.ExecuteEvent(\x01\x30\x01\x12<\n\x06Submit\x12\x1b.farscope.v1.ExecuteRequest\x1a\x13.farscope.v1.Queued(\x01\x12=\n\x05Watch\x12\x17.farscope.v1.JobRequest\x1a\x19.farscope.v1.ExecuteEvent0\x01\x12=\n\x05\x46\x65tch\x12\x17.farscope.v1.JobRequest\x1a\x19.farscope.v1.ExecuteEvent0\x01\x12\x38\n\x06\x43\x61ncel\x12\x17.farscope.v1.JobRequest\x1a\x15.farscope.v1.JobState\x12\x39\n\x04Scan\x12\x18.farscope.v1.ScanRequest\x1a\x17.farscope.v1.ScanResultb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'farscope.proto.farscope_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBREQUEST']._serialized_start=46
-  _globals['_JOBREQUEST']._serialized_end=74
-  _globals['_JOBSTATE']._serialized_start=76
-  _globals['_JOBSTATE']._serialized_end=117
-  _globals['_LISTMODELSREQUEST']._serialized_start=119
-  _globals['_LISTMODELSREQUEST']._serialized_end=138
-  _globals['_MODELSUMMARY']._serialized_start=140
-  _globals['_MODELSUMMARY']._serialized_end=229
-  _globals['_LISTMODELSRESPONSE']._serialized_start=231
-  _globals['_LISTMODELSRESPONSE']._serialized_end=339
-  _globals['_DESCRIBEMODELREQUEST']._serialized_start=341
-  _globals['_DESCRIBEMODELREQUEST']._serialized_end=377
-  _globals['_MODULEINFO']._serialized_start=379
-  _globals['_MODULEINFO']._serialized_end=425
-  _globals['_MODELDESCRIPTION']._serialized_start=428
-  _globals['_MODELDESCRIPTION']._serialized_end=593
-  _globals['_FILECHUNK']._serialized_start=595
-  _globals['_FILECHUNK']._serialized_end=664
-  _globals['_REQUESTHEADER']._serialized_start=666
-  _globals['_REQUESTHEADER']._serialized_end=761
-  _globals['_EXECUTEREQUEST']._serialized_start=763
-  _globals['_EXECUTEREQUEST']._serialized_end=856
-  _globals['_QUEUED']._serialized_start=858
-  _globals['_QUEUED']._serialized_end=900
-  _globals['_RUNNING']._serialized_start=902
-  _globals['_RUNNING']._serialized_end=927
-  _globals['_RESULTHEADER']._serialized_start=929
-  _globals['_RESULTHEADER']._serialized_end=963
-  _globals['_RESULTCHUNK']._serialized_start=965
-  _globals['_RESULTCHUNK']._serialized_end=1022
-  _globals['_DONE']._serialized_start=1024
-  _globals['_DONE']._serialized_end=1067
-  _globals['_PROGRESS']._serialized_start=1069
-  _globals['_PROGRESS']._serialized_end=1124
-  _globals['_LOGLINE']._serialized_start=1126
-  _globals['_LOGLINE']._serialized_end=1149
-  _globals['_EXECUTEEVENT']._serialized_start=1152
-  _globals['_EXECUTEEVENT']._serialized_end=1458
-  _globals['_FARSCOPE']._serialized_start=1461
-  _globals['_FARSCOPE']._serialized_end=2027
+  _globals['_SCANREQUEST']._serialized_start=46
+  _globals['_SCANREQUEST']._serialized_end=112
+  _globals['_SCANRESULT']._serialized_start=114
+  _globals['_SCANRESULT']._serialized_end=144
+  _globals['_JOBREQUEST']._serialized_start=146
+  _globals['_JOBREQUEST']._serialized_end=174
+  _globals['_JOBSTATE']._serialized_start=176
+  _globals['_JOBSTATE']._serialized_end=217
+  _globals['_LISTMODELSREQUEST']._serialized_start=219
+  _globals['_LISTMODELSREQUEST']._serialized_end=238
+  _globals['_MODELSUMMARY']._serialized_start=240
+  _globals['_MODELSUMMARY']._serialized_end=329
+  _globals['_LISTMODELSRESPONSE']._serialized_start=331
+  _globals['_LISTMODELSRESPONSE']._serialized_end=439
+  _globals['_DESCRIBEMODELREQUEST']._serialized_start=441
+  _globals['_DESCRIBEMODELREQUEST']._serialized_end=477
+  _globals['_MODULEINFO']._serialized_start=479
+  _globals['_MODULEINFO']._serialized_end=525
+  _globals['_MODELDESCRIPTION']._serialized_start=528
+  _globals['_MODELDESCRIPTION']._serialized_end=693
+  _globals['_FILECHUNK']._serialized_start=695
+  _globals['_FILECHUNK']._serialized_end=764
+  _globals['_REQUESTHEADER']._serialized_start=766
+  _globals['_REQUESTHEADER']._serialized_end=861
+  _globals['_EXECUTEREQUEST']._serialized_start=863
+  _globals['_EXECUTEREQUEST']._serialized_end=956
+  _globals['_QUEUED']._serialized_start=958
+  _globals['_QUEUED']._serialized_end=1000
+  _globals['_RUNNING']._serialized_start=1002
+  _globals['_RUNNING']._serialized_end=1027
+  _globals['_RESULTHEADER']._serialized_start=1029
+  _globals['_RESULTHEADER']._serialized_end=1063
+  _globals['_RESULTCHUNK']._serialized_start=1065
+  _globals['_RESULTCHUNK']._serialized_end=1122
+  _globals['_DONE']._serialized_start=1124
+  _globals['_DONE']._serialized_end=1167
+  _globals['_PROGRESS']._serialized_start=1169
+  _globals['_PROGRESS']._serialized_end=1224
+  _globals['_LOGLINE']._serialized_start=1226
+  _globals['_LOGLINE']._serialized_end=1249
+  _globals['_EXECUTEEVENT']._serialized_start=1252
+  _globals['_EXECUTEEVENT']._serialized_end=1558
+  _globals['_FARSCOPE']._serialized_start=1561
+  _globals['_FARSCOPE']._serialized_end=2186
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ScanRequest(_message.Message):
+    __slots__ = ("model", "ir_version", "document")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IR_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    ir_version: int
+    document: bytes
+    def __init__(self, model: _Optional[str] = ..., ir_version: _Optional[int] = ..., document: _Optional[bytes] = ...) -> None: ...
+
+class ScanResult(_message.Message):
+    __slots__ = ("document",)
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    document: bytes
+    def __init__(self, document: _Optional[bytes] = ...) -> None: ...
+
 class JobRequest(_message.Message):
     __slots__ = ("job_id",)
     JOB_ID_FIELD_NUMBER: _ClassVar[int]

@@ -74,6 +74,11 @@ class FarscopeStub:
                 request_serializer=farscope_dot_proto_dot_farscope__pb2.JobRequest.SerializeToString,
                 response_deserializer=farscope_dot_proto_dot_farscope__pb2.JobState.FromString,
                 _registered_method=True)
+        self.Scan = channel.unary_unary(
+                '/farscope.v1.Farscope/Scan',
+                request_serializer=farscope_dot_proto_dot_farscope__pb2.ScanRequest.SerializeToString,
+                response_deserializer=farscope_dot_proto_dot_farscope__pb2.ScanResult.FromString,
+                _registered_method=True)
 
 
 class FarscopeServicer:
@@ -136,6 +141,14 @@ class FarscopeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Scan(self, request, context):
+        """Every module's output / input / inputs shapes and dtypes for the given inputs, computed on meta
+        tensors (no weights read, nothing of the client's run): what proxies know while recording.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FarscopeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +191,11 @@ def add_FarscopeServicer_to_server(servicer, server):
                     servicer.Cancel,
                     request_deserializer=farscope_dot_proto_dot_farscope__pb2.JobRequest.FromString,
                     response_serializer=farscope_dot_proto_dot_farscope__pb2.JobState.SerializeToString,
+            ),
+            'Scan': grpc.unary_unary_rpc_method_handler(
+                    servicer.Scan,
+                    request_deserializer=farscope_dot_proto_dot_farscope__pb2.ScanRequest.FromString,
+                    response_serializer=farscope_dot_proto_dot_farscope__pb2.ScanResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -396,6 +414,33 @@ class Farscope:
             '/farscope.v1.Farscope/Cancel',
             farscope_dot_proto_dot_farscope__pb2.JobRequest.SerializeToString,
             farscope_dot_proto_dot_farscope__pb2.JobState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Scan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/farscope.v1.Farscope/Scan',
+            farscope_dot_proto_dot_farscope__pb2.ScanRequest.SerializeToString,
+            farscope_dot_proto_dot_farscope__pb2.ScanResult.FromString,
             options,
             channel_credentials,
             insecure,

@@ -71,6 +71,7 @@ from .auth import OpenStreams
 from .jobs import DEFAULT_JOB_TTL, Event, Job, JobStore
 from .metrics import Metrics
 from .replica import Replica, Results
+from .scan import Scanner
 from .scheduler import Scheduler
 
 if TYPE_CHECKING:
@@ -189,6 +190,7 @@ class Engine:
         self.replicas: dict[str, Replica] = {}
         self.schedulers: dict[str, Scheduler] = {}
         self._closing = False
+        self.scanners: dict[str, Scanner] = {}  # made on a model's first scan
         for replica in (replicas or {}).values():
             self.add(replica)
 
@@ -310,6 +312,29 @@ class Engine:
 
     def tokenizer_files(self, name: str, user: User | None) -> dict[str, bytes]:
         return dict(self._replica(name, user).loaded.tokenizer_files)
+
+    # -- shapes while recording ----------------------------------------------------------------
+
+    def scan(self, user: User | None, name: str, ir_version: int, document: bytes) -> bytes:
+        """The encoded scan document (server/scan.py) of a document holding only inputs
+        (`{version, invokes, nodes: []}`). Checked like a request's header and inputs; a scan the
+        model has cached costs nothing, any other one call of the key's rate. CPU-bound: a transport on
+        an event loop calls it from a thread."""
+        replica = self._replica(name, user)
+        if ir_version not in SUPPORTED_IR_VERSIONS:
+            raise VersionError(f"this server (farscope {SERVER_VERSION}) accepts graph IR version(s) "
+                               f"{', '.join(map(str, SUPPORTED_IR_VERSIONS))}; the client sent version {ir_version}")
+        if len(document) > replica.limits.max_request_bytes:
+            raise LimitError(f"scan request of {len(document)} bytes exceeds max_request_bytes="
+                             f"{replica.limits.max_request_bytes}")
+        graph = validate(codec.decode(document), module_paths=replica.module_paths,
+                         limits=GraphLimits(max_nodes=replica.limits.max_nodes))
+        if graph.nodes or len(graph.segments) != 1:
+            raise ValidationError("a scan document holds one trace's inputs and no nodes")
+        scanner = self.scanners.setdefault(replica.name, Scanner(replica))
+        if not scanner.cached(graph.segments[0]):
+            self.charge(user)
+        return scanner.scan(graph.segments[0])
 
     # -- requests become jobs ------------------------------------------------------------------
 

@@ -426,7 +426,13 @@ class Executor:
         if not target.requires_grad:
             raise ValueError("this value does not depend on the model's activations, so it has no gradient")
         nid = node.id
-        target.register_hook(lambda grad: self._fire((ops.GRAD, nid, 0), grad.clone(), None))
+        target.register_hook(lambda grad: self._on_gradient(nid, grad))
+
+    def _on_gradient(self, nid: int, grad: torch.Tensor) -> Any:
+        # Autograd runs hooks with grad mode off; nodes that become ready here may compute from
+        # activations for a later backward() (a second one, with retain_graph), so they need it on.
+        with torch.enable_grad():
+            return self._fire((ops.GRAD, nid, 0), grad.clone(), None)
 
     def _resolve(self, args: Any) -> Any:
         return map_args(args, lambda a: self.env[a.id] if isinstance(a, Ref) else a)
@@ -484,8 +490,6 @@ class Executor:
 
     def _pre_hook(self, path: str, wanted: set[str]) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            if ops.SKIP in wanted:
-                self._event(path, ops.SKIP, None)
             if "inputs" in wanted:
                 args, kwargs = self._event(path, "inputs", (args, kwargs))
             if "input" in wanted:
@@ -494,6 +498,8 @@ class Executor:
                 elif kwargs:
                     first = next(iter(kwargs))
                     kwargs = {**kwargs, first: self._event(path, "input", kwargs[first])}
+            if ops.SKIP in wanted:  # after the inputs: a skip's value may be computed from them
+                self._event(path, ops.SKIP, None)
             return args, kwargs
         return hook
 

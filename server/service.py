@@ -158,6 +158,18 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
         self.engine.cancel(job)
         return pb.JobState(job_id=job.id, state=job.state)
 
+    async def Scan(self, request: pb.ScanRequest, context: Any) -> pb.ScanResult:
+        user = await self._user(context, "Scan")
+        try:
+            document = await self._blocking(self.engine.scan, user, request.model, request.ir_version,
+                                            request.document)
+        except FarscopeError as e:
+            await self._abort(context, e)
+        except Exception as e:  # a bug of ours, never the client's: say so, keep serving
+            log.exception("unexpected error while scanning")
+            await self._abort(context, FarscopeError(f"internal server error while scanning: {type(e).__name__}"))
+        return pb.ScanResult(document=document)
+
     # -- helpers -------------------------------------------------------------------------------
 
     async def _blocking(self, function: Callable[..., T], *args: Any) -> T:

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import farscope
+from farscope.interventions import ops
 from farscope.server.config import Limits
 
 PROMPT = "John gave a drink to Mary"
@@ -61,8 +64,9 @@ def test_a_huge_power_of_a_python_int_is_refused_at_once(tiny_remote, tiny_local
     start = time.monotonic()
     with pytest.raises(farscope.LimitError, match=r"pow would make an int of 60000001 bits, over the limit of "
                                                   r"65536 bits for plain Python ints"):
-        with m.trace(PROMPT):
-            (m.model.layers[0].output.shape[-1] ** 10**7).save()  # 64 ** 10**7: once 12.8 s with the GIL held
+        with m.trace(PROMPT) as tracer:
+            # 64 ** 10**7: once 12.8 s with the GIL held
+            (_on_server(tracer, m.model.layers[0].output).shape[-1] ** 10**7).save()
     assert time.monotonic() - start < 5
     assert_served(m, tiny_local["llama"])
 
@@ -76,9 +80,15 @@ def test_a_huge_power_of_a_python_int_is_refused_at_once(tiny_remote, tiny_local
 def test_oversized_python_values_are_refused(tiny_remote, tiny_local, build, message):
     m = tiny_remote["llama"]
     with pytest.raises(farscope.LimitError, match=message):
-        with m.trace(PROMPT):
-            build(m.model.layers[0].output).save()
+        with m.trace(PROMPT) as tracer:
+            build(_on_server(tracer, m.model.layers[0].output)).save()
     assert_served(m, tiny_local["llama"])
+
+
+def _on_server(tracer: Any, value: Any) -> Any:
+    """`value` whose `.shape` is computed on the server (a recorded getattr): a shape read while
+    recording is known on the client, and these checks are of the server's Python-value limits."""
+    return SimpleNamespace(shape=tracer.record(ops.GETATTR, (value, "shape")))
 
 
 def test_nested_python_values_are_counted_whole(tiny_remote, tiny_local, tiny_tokenizer):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import farscope
-from farscope.client import Proxy
+from farscope.client import Proxy, SavedTensor
 from farscope.interventions import ops
 from farscope.interventions.errors import FarscopeError
 
@@ -407,6 +407,13 @@ class Outcome:
     recorded: str | None = None  # the op the user-level call recorded
     value: Any = None
     error: BaseException | None = None
+    # What the user-level call gave while recording when it was answered then (all its arguments'
+    # shapes known, as NNsight gives real values): checked against torch; the op is recorded directly.
+    known: Any = None
+
+
+# Attributes answered while recording from the scanned shapes.
+ATTRIBUTES_ANSWERED_WHILE_RECORDING = {"shape", "ndim", "dtype"}
 
 
 def _run_remote(model, names: list[str], attributes: list[str]) -> dict[str, Outcome]:
@@ -422,6 +429,9 @@ def _run_remote(model, names: list[str], attributes: list[str]) -> dict[str, Out
                     out = tracer.record(name, args, case.kwargs)
                 else:
                     out = call(name, args, case.kwargs)
+                    if name != "setitem" and not isinstance(out, Proxy | SavedTensor):
+                        outcomes[name].known = out
+                        out = tracer.record(name, args, case.kwargs)
                 outcomes[name].recorded = tracer.graph.nodes[-1].op
                 if name == "setitem":  # `x[k] = v` returns nothing: keep the edited tensor
                     out = args[0]
@@ -431,7 +441,11 @@ def _run_remote(model, names: list[str], attributes: list[str]) -> dict[str, Out
         for attr in attributes:
             key = f"getattr:{attr}"
             try:
-                out = getattr(ATTRIBUTES[attr](src), attr)
+                if attr in ATTRIBUTES_ANSWERED_WHILE_RECORDING:
+                    outcomes[key].known = getattr(ATTRIBUTES[attr](src), attr)
+                    out = tracer.record(ops.GETATTR, (ATTRIBUTES[attr](src), attr))
+                else:
+                    out = getattr(ATTRIBUTES[attr](src), attr)
                 outcomes[key].recorded = tracer.graph.nodes[-1].op
                 saved[key] = out.save()
             except Exception as e:
@@ -487,6 +501,19 @@ def remote(tiny) -> dict[str, Outcome]:
 
 def _fresh(src: Sources) -> Sources:
     return Sources(src.h.clone(), src.logits.clone())
+
+
+def _check_known(known: Any, expected: Any, where: str, *, random: bool = False) -> None:
+    """A value answered while recording equals torch's (a random one: its shape and dtype)."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(known, torch.Tensor), (where, known)
+        if random:
+            assert (known.shape, known.dtype) == (expected.shape, expected.dtype), where
+        else:
+            assert_same(known, expected, where)
+    else:
+        assert known == expected and (type(known) is type(expected) or isinstance(expected, torch.Size)), \
+            (where, known, expected)
 
 
 def assert_same(actual: Any, expected: Any, where: str = "result") -> None:
@@ -559,6 +586,8 @@ def test_op_matches_torch(op, remote, reference):
     expected = call(op, args, case.kwargs)
     if op == "setitem":
         expected = args[0]
+    if outcome.known is not None:
+        _check_known(outcome.known, expected, op, random=case.random)
     if case.random:
         assert isinstance(outcome.value, torch.Tensor)
         assert (outcome.value.shape, outcome.value.dtype) == (expected.shape, expected.dtype)
@@ -583,6 +612,8 @@ def test_getattr_matches_torch(attr, remote, reference):
     _check_outcome(outcome, f"getattr {attr}")
     assert outcome.recorded == "getattr"
     expected = getattr(ATTRIBUTES[attr](_fresh(reference)), attr)
+    if attr in ATTRIBUTES_ANSWERED_WHILE_RECORDING:
+        _check_known(outcome.known, expected, attr)
     if isinstance(expected, torch.Size):
         assert isinstance(outcome.value, torch.Size) and outcome.value == expected
     elif isinstance(expected, torch.dtype) or expected is None or isinstance(expected, bool):

@@ -39,30 +39,16 @@ REFERENCE = json.loads((HERE / "reference.json").read_text())
 # What each missing feature is, and what farscope offers instead (the errors users see say the same).
 _LIST_SAVE = ("`list().save()` on Python's builtin list: NNsight mounts `.save` onto every object with a C "
               "extension; farscope does not patch builtins (use `farscope.list()` or `farscope.save([])`)")
-_SESSION_PYTHON = ("Python between the traces of a session records session-level nodes, but `list(hs.shape)` "
-                   "needs the shape while recording (the server-side meta-tensor scan)")
-_SHAPES = ("shapes while recording (`B, S, H = x.shape`) need the server-side meta-tensor scan that "
-           "gives proxies their shapes")
 XFAIL: dict[str, str] = {
     "generate_list_save_per_step": _LIST_SAVE,
     "iter_all_ablate": _LIST_SAVE,
     "session_list_over_traces": _LIST_SAVE,
     "loop_layers_list_save": _LIST_SAVE,
-    "session_python_between_traces": _SESSION_PYTHON,
     "ablation_mean": ("values appended to a list made outside the trace, unsaved, are used after it: only "
                       "reading the trace's source could find them (control-flow lowering)"),
     "backward_after_trace": ("`.backward()` on saved values after the trace: the autograd graph lives on "
                              "the server and ends with the request"),
-    "ablation_head": _SHAPES,
-    "per_head_read": _SHAPES,
     "source_operation": "`.source` needs the server to instrument its modules' forward code",
-    "skip_with_zeros": ("a skip whose value is computed from the skipped module's own input: the executor "
-                        "must resolve the value inside the module's forward pre-hook (server: executor)"),
-    "edit_inplace_skip": ("a skip whose value is the skipped module's own input (the same executor change, "
-                          "reached through model.edit)"),
-    "backward_twice": ("a second backward() (retain_graph) from a value computed after the first: the "
-                       "executor refuses it as not computed from activations (server: executor)"),
-    "scan_shapes": "`model.scan()` needs the server-side meta-tensor scan",
 }
 
 
