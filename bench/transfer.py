@@ -3,7 +3,7 @@
 Run by hand: ``.venv/bin/python bench/transfer.py [--mib 256] [--repeat 5]``. Measured side by side:
 
 - raw TCP: one loopback socket moving the same number of bytes from one buffer into another
-  (``sendall`` of a memoryview, ``recv_into`` a preallocated buffer): the ceiling on this machine;
+  (``sendall`` of a memoryview, ``recv_into`` a fresh buffer): the ceiling on this machine;
 - farscope with the server in its own process (``farscope serve --no-auth --port 0``, as users run
   it, serving the default model), and, beside it, with the server in this process:
   - download: a saved tensor of about ``--mib`` MiB made on the server (the logits, repeated); MB/s
@@ -54,12 +54,12 @@ def raw_tcp_seconds(nbytes: int) -> float:
 
     sender = threading.Thread(target=send, daemon=True)
     sender.start()
-    target = bytearray(payload.nbytes)
-    view = memoryview(target)
     with socket.create_connection(("127.0.0.1", port)) as client:
         start = time.perf_counter()
+        # A fresh, unzeroed buffer, as farscope's client receives into (its pages are faulted in by the data).
+        view = memoryview(torch.empty(payload.nbytes, dtype=torch.uint8).numpy()).cast("B")
         got = 0
-        while got < len(target):
+        while got < len(view):
             n = client.recv_into(view[got:])
             if not n:
                 raise ConnectionError("sender closed early")
