@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import torch
 
 from farscope.interventions import codec
-from farscope.interventions.codec import CHUNK_BYTES, MAX_MESSAGE_BYTES
+from farscope.interventions.codec import BULK_CHUNK_BYTES, MAX_MESSAGE_BYTES
 from farscope.interventions.errors import (
     ERROR_CLASSES,
     FarscopeError,
@@ -26,6 +27,7 @@ from farscope.interventions.errors import (
     class_of_status,
 )
 from farscope.interventions.graph import IR_VERSION, Graph, to_document
+from farscope.proto import chunks
 from farscope.proto import farscope_pb2 as pb
 from farscope.proto import farscope_pb2_grpc as pb_grpc
 
@@ -83,6 +85,17 @@ class Transport:
         else:
             self._channel = grpc.insecure_channel(address, options=options)
         self._stub = pb_grpc.FarscopeStub(self._channel)
+        # The calls that carry bulk data, with chunks written and read without protobuf's copies
+        # (proto/chunks.py): the same methods and bytes on the wire as the stub's.
+        self._execute = self._channel.stream_stream(
+            "/farscope.v1.Farscope/Execute", request_serializer=chunks.serializer,
+            response_deserializer=chunks.event_deserializer)
+        self._submit = self._channel.stream_unary(
+            "/farscope.v1.Farscope/Submit", request_serializer=chunks.serializer,
+            response_deserializer=pb.Queued.FromString)
+        self._fetch = self._channel.unary_stream(
+            "/farscope.v1.Farscope/Fetch", request_serializer=pb.JobRequest.SerializeToString,
+            response_deserializer=chunks.event_deserializer)
         self.uploaded: set[str] = set()  # digests of large tensors this server has received
         self.last_request_bytes = 0
 
@@ -111,17 +124,17 @@ class Transport:
                 on_event: Callable[[pb.ExecuteEvent], None] | None = None,
                 on_log: Callable[[str], None] | None = None) -> Any:
         """Send one graph (or an encoded document), wait, and return the saved values by node id."""
-        def call(document: bytes) -> Any:
-            events = self._stub.Execute(self._requests(model, document, ir_version), metadata=self._metadata,
-                                        timeout=self.timeout)
+        def call(body: list[bytes | memoryview]) -> Any:
+            events = self._execute(self._requests(model, body, ir_version), metadata=self._metadata,
+                                   timeout=self.timeout)
             return self._results(_Progress(on_event, on_log).over(events))
         return self._with_uploads(graph, call)
 
     def submit(self, model: str, graph: Graph, *, ir_version: int = IR_VERSION) -> str:
         """Queue a graph; returns its job id at once."""
-        def call(document: bytes) -> str:
-            reply = self._stub.Submit(self._requests(model, document, ir_version), metadata=self._metadata,
-                                      timeout=self.timeout)
+        def call(body: list[bytes | memoryview]) -> str:
+            reply = self._submit(self._requests(model, body, ir_version), metadata=self._metadata,
+                                 timeout=self.timeout)
             return reply.job_id
         return self._with_uploads(graph, call)
 
@@ -136,8 +149,8 @@ class Transport:
     def fetch(self, job_id: str) -> Any:
         """A finished job's saved values by node id, from any connection until the job's TTL."""
         with _mapped():
-            return self._results(self._stub.Fetch(pb.JobRequest(job_id=job_id), metadata=self._metadata,
-                                                  timeout=self.timeout))
+            return self._results(self._fetch(pb.JobRequest(job_id=job_id), metadata=self._metadata,
+                                             timeout=self.timeout))
 
     def cancel(self, job_id: str) -> str:
         with _mapped():
@@ -153,20 +166,20 @@ class Transport:
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    def _with_uploads(self, graph: Graph | bytes, call: Callable[[bytes], Any]) -> Any:
+    def _with_uploads(self, graph: Graph | bytes, call: Callable[[list[bytes | memoryview]], Any]) -> Any:
         """Large tensors this server already received travel by digest; if it has evicted one, the
         request is sent once more with everything inline."""
         if isinstance(graph, bytes):
             self.last_request_bytes = len(graph)
             with _mapped():
-                return call(graph)
+                return call([graph])
         for attempt in range(2):
             sent: set[str] = set()
-            document = codec.encode(to_document(graph), known=self.uploaded, sent=sent)
-            self.last_request_bytes = len(document)
+            body = codec.encode_request(to_document(graph), known=self.uploaded, sent=sent)
+            self.last_request_bytes = sum(len(piece) for piece in body)
             try:
                 with _mapped():
-                    result = call(document)
+                    result = call(body)
             except UploadMissingError:
                 if attempt:
                     raise
@@ -177,29 +190,47 @@ class Transport:
         raise AssertionError("unreachable")
 
     @staticmethod
-    def _requests(model: str, document: bytes, ir_version: int) -> Iterator[pb.ExecuteRequest]:
+    def _requests(model: str, body: list[bytes | memoryview], ir_version: int) -> Iterator[pb.ExecuteRequest | bytes]:
+        """The header, then the body's pieces (the document, each large tensor's own memory) cut into
+        chunks, each serialized straight from that memory (one copy, made as gRPC asks for it)."""
         yield pb.ExecuteRequest(header=pb.RequestHeader(
-            model=model, client_version=__version__, ir_version=ir_version, graph_bytes=len(document)))
-        view = memoryview(document)
-        for offset in range(0, len(document), CHUNK_BYTES):
-            yield pb.ExecuteRequest(graph_chunk=view[offset:offset + CHUNK_BYTES].tobytes())
+            model=model, client_version=__version__, ir_version=ir_version,
+            graph_bytes=sum(len(piece) for piece in body)))
+        for piece in body:
+            view = memoryview(piece).cast("B")
+            for offset in range(0, len(view), BULK_CHUNK_BYTES):
+                yield chunks.graph_chunk(view[offset:offset + BULK_CHUNK_BYTES])
 
     @staticmethod
-    def _results(events: Iterable[pb.ExecuteEvent]) -> Any:
-        blobs: list[bytearray] = []
+    def _results(events: Iterable[pb.ExecuteEvent | chunks.RawChunk]) -> Any:
+        """Assemble the result stream: one buffer per blob, allocated from the header's sizes, each
+        chunk copied once into place; the tensors are then built over those buffers (no copy)."""
+        views: list[memoryview] = []
         finished = False
         for event in events:
+            if isinstance(event, chunks.RawChunk):
+                end = event.offset + len(event.data)
+                if event.blob >= len(views) or end > len(views[event.blob]):
+                    raise TransportError("the server sent a result chunk outside its announced blobs")
+                views[event.blob][event.offset:end] = event.data
+                continue
             kind = event.WhichOneof("event")
             if kind == "result":
-                blobs = [bytearray(size) for size in event.result.blob_sizes]
-            elif kind == "chunk":
+                views = [_receive_buffer(size) for size in event.result.blob_sizes]
+            elif kind == "chunk":  # a chunk protobuf read (one the raw reader did not recognize)
                 chunk = event.chunk
-                blobs[chunk.blob][chunk.offset:chunk.offset + len(chunk.data)] = chunk.data
+                views[chunk.blob][chunk.offset:chunk.offset + len(chunk.data)] = chunk.data
             elif kind == "done":
                 finished = True
-        if not finished or not blobs:
+        if not finished or not views:
             raise TransportError("the server closed the result stream before the job finished")
-        return codec.decode_results(bytes(blobs[0]), blobs[1:])
+        return codec.decode_results(bytes(views[0]), views[1:])
+
+
+def _receive_buffer(size: int) -> memoryview:
+    """A writable buffer of `size` bytes that is not zero-filled first (bytearray(size) would write
+    every page once before the data does); tensors are built over it as it is (torch.frombuffer)."""
+    return memoryview(torch.empty(size, dtype=torch.uint8).numpy()).cast("B")
 
 
 class _Progress:

@@ -22,6 +22,12 @@ Extension codes (payloads are msgpack themselves):
    12 Record     [type name, map]: a model output (`CausalLMOutputWithPast`); decodes to a dict whose
                  keys also read as attributes, so `out.logits` works after the trace
    13 Uploaded   [digest, dtype, shape] (requests): a large tensor the server already holds (uploads.py)
+   14 Attached   [dtype, shape] (requests): a large tensor whose bytes follow the document (below)
+
+A request body is one msgpack document, then the raw bytes of each large tensor it sends (code 14), in
+the order the document names them, back to back. The sender hands the document and those tensors'
+own memory to the transport (`encode_request`), which slices them into messages: no copy is made to
+build the body. The receiver builds each such tensor over its share of the body it received.
 
 Each kind of value has one small `_encode_*` function and each code one small `_decode_*` function;
 `_ENCODERS` (Python type -> encoder, first match wins) and `_DECODERS` (code -> decoder) are the only
@@ -51,9 +57,11 @@ from .uploads import UPLOAD_THRESHOLD, UploadStore, digest
 
 __all__ = [
     "CHUNK_BYTES",
+    "BULK_CHUNK_BYTES",
     "MAX_MESSAGE_BYTES",
     "DTYPES",
     "encode",
+    "encode_request",
     "decode",
     "encode_results",
     "decode_results",
@@ -65,7 +73,7 @@ __all__ = [
 ]
 
 (_REF, _TENSOR, _SLICE, _ELLIPSIS, _DTYPE, _TUPLE, _HOOK, _BLOB, _SIZE, _NAMED, _OPAQUE, _RECORD,
- _UPLOADED) = range(1, 14)
+ _UPLOADED, _ATTACHED) = range(1, 15)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -94,6 +102,9 @@ _RETURN_TYPE_NAMES = {kind: name for name, kind in _RETURN_TYPES.items()}
 # every message stays far below gRPC's 4 MiB default, and both sides allow up to 8 chunks a message.
 CHUNK_BYTES = 1 << 20
 MAX_MESSAGE_BYTES = 8 * CHUNK_BYTES
+# Chunks of tensor bytes (results, request bodies) are larger: fewer messages, less per-message cost
+# in Python and gRPC. A message stays under gRPC's default 4 MiB cap, so any gRPC client can read it.
+BULK_CHUNK_BYTES = 4 * CHUNK_BYTES - 4096
 
 # Deeper than any real argument; shallow enough that hostile nesting cannot exhaust the stack.
 MAX_DEPTH = 48
@@ -155,7 +166,8 @@ def tensor_from_bytes(dtype_name: Any, shape: Any, data: bytes | bytearray | mem
         )
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    buffer = data if isinstance(data, bytearray) else bytearray(data)
+    writable = isinstance(data, bytearray) or (isinstance(data, memoryview) and not data.readonly)
+    buffer = data if writable else bytearray(data)  # a tensor over read-only memory could not be edited
     return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
@@ -203,10 +215,11 @@ def _short_repr(obj: Any) -> str:
 
 class _Encoder:
     def __init__(self, blobs: list[memoryview] | None, known: set[str] | None = None,
-                 sent: set[str] | None = None) -> None:
-        self.blobs = blobs  # None: tensors inline
+                 sent: set[str] | None = None, attached: list[memoryview] | None = None) -> None:
+        self.blobs = blobs  # None: a request
         self.known = known  # digests the server holds: large tensors go by digest
-        self.sent = sent  # digests of large tensors sent inline by this document
+        self.sent = sent  # digests of large tensors sent by this document
+        self.attached = attached  # a request's large tensors, whose bytes follow the document
 
     def default(self, obj: Any) -> Any:
         """msgpack's hook for whatever it does not pack itself: the first matching `_ENCODERS` entry."""
@@ -242,6 +255,9 @@ def _encode_tensor(enc: _Encoder, tensor: torch.Tensor) -> msgpack.ExtType:
             return enc.ext(_UPLOADED, [key, dtype_name, shape])
         if enc.sent is not None:
             enc.sent.add(key)
+    if enc.attached is not None and data.nbytes >= UPLOAD_THRESHOLD:
+        enc.attached.append(data)
+        return enc.ext(_ATTACHED, [dtype_name, shape])
     return enc.ext(_TENSOR, [dtype_name, shape, bytes(data)])
 
 
@@ -328,23 +344,24 @@ _ENCODERS: tuple[tuple[type, Callable[[_Encoder, Any], Any]], ...] = (
 
 
 class _Decoder:
-    def __init__(self, blobs: list[Any] | None, uploads: UploadStore | None = None) -> None:
+    def __init__(self, blobs: list[Any] | None, uploads: UploadStore | None = None,
+                 tail: memoryview | None = None) -> None:
         self.blobs = blobs  # None: a request
         self.uploads = uploads
+        self.tail = tail  # a request's bytes after its document: its attached tensors, in order
+        self.taken = 0  # how many of them attached tensors have claimed
         self.depth = 0
+
+    def options(self) -> dict[str, Any]:
+        return {"ext_hook": self.ext_hook, "raw": False, "use_list": True,
+                "strict_map_key": self.blobs is None}  # results are keyed by node id
 
     def unpack(self, data: bytes) -> Any:
         self.depth += 1
         try:
             if self.depth > MAX_DEPTH:
                 raise ValidationError(f"document nests deeper than {MAX_DEPTH} levels")
-            return msgpack.unpackb(
-                data,
-                ext_hook=self.ext_hook,
-                raw=False,
-                strict_map_key=self.blobs is None,  # results are keyed by node id
-                use_list=True,
-            )
+            return msgpack.unpackb(data, **self.options())
         finally:
             self.depth -= 1
 
@@ -373,6 +390,31 @@ def _decode_tensor(dec: _Decoder, data: bytes) -> torch.Tensor:
     dtype_name, shape, raw = payload
     tensor = tensor_from_bytes(dtype_name, shape, raw)
     if dec.uploads is not None and len(raw) >= UPLOAD_THRESHOLD:
+        dec.uploads.put(digest(dtype_name, shape, raw), tensor)
+    return tensor
+
+
+def _decode_attached(dec: _Decoder, data: bytes) -> torch.Tensor:
+    """A large tensor whose bytes are the next ones after the document: built over them, no copy."""
+    if dec.tail is None:
+        raise ValidationError("attached tensors are only valid in requests")
+    payload = dec.unpack(data)
+    if not _is_list_of(payload, 2):
+        raise ValidationError("attached tensor must be [dtype, shape]")
+    dtype_name, shape = payload
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        raise ValidationError(f"unknown tensor dtype {dtype_name!r}; accepted: {', '.join(DTYPES)}")
+    if not isinstance(shape, list) or not all(_is_count(s) for s in shape) or len(shape) > MAX_DIMS:
+        raise ValidationError(f"attached tensor shape must be a list of at most {MAX_DIMS} non-negative ints")
+    size = math.prod(shape) * DTYPES[dtype_name].itemsize
+    start = dec.taken
+    if start + size > len(dec.tail):
+        raise ValidationError(f"attached tensor of {size} bytes runs past the request's end "
+                              f"({len(dec.tail) - start} bytes left)")
+    dec.taken = start + size
+    raw = dec.tail[start:start + size]
+    tensor = tensor_from_bytes(dtype_name, shape, raw)
+    if dec.uploads is not None and size >= UPLOAD_THRESHOLD:
         dec.uploads.put(digest(dtype_name, shape, raw), tensor)
     return tensor
 
@@ -480,25 +522,65 @@ _DECODERS: dict[int, Callable[[_Decoder, bytes], Any]] = {
     _OPAQUE: _decode_opaque,
     _RECORD: _decode_record,
     _UPLOADED: _decode_uploaded,
+    _ATTACHED: _decode_attached,
 }
 
 
 # -- the four entry points -------------------------------------------------------------------------
 
 
+def encode_request(obj: Any, *, known: set[str] | None = None,
+                   sent: set[str] | None = None) -> list[bytes | memoryview]:
+    """A request body as the pieces that, back to back, make it: the document, then the memory of each
+    large tensor it sends (views, not copies: the transport slices them into messages). Large tensors
+    whose digest is in `known` go by digest; the digests of those sent are added to `sent` (uploads.py)."""
+    attached: list[memoryview] = []
+    document = _Encoder(None, known, sent, attached).pack(obj)
+    return [document, *attached]
+
+
 def encode(obj: Any, *, known: set[str] | None = None, sent: set[str] | None = None) -> bytes:
-    """A request document. Large tensors whose digest is in `known` go by digest; the digests of
-    large tensors sent inline are added to `sent` (see uploads.py)."""
-    return _Encoder(None, known, sent).pack(obj)
+    """A request body in one piece (`encode_request`, joined)."""
+    return b"".join(encode_request(obj, known=known, sent=sent))
 
 
-def decode(data: bytes, *, uploads: UploadStore | None = None) -> Any:
-    """Decode a request document; any malformation raises `ValidationError`, never anything else.
+class _ViewReader:
+    """A file over a buffer, for msgpack.Unpacker: it reads the document only as far as it goes, so
+    the large tensors after it are never copied."""
 
-    With `uploads`, large inline tensors are kept there and tensors sent by digest taken from it.
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+        self.pos = 0
+
+    def read(self, n: int) -> bytes:
+        chunk = self.view[self.pos:self.pos + n]
+        self.pos += len(chunk)
+        return bytes(chunk)
+
+
+def _decode_request(data: bytes | bytearray | memoryview, uploads: UploadStore | None) -> Any:
+    view = memoryview(data).cast("B")
+    # Where the document ends is found first (skipping it reads no tensor bytes and calls no hook), as
+    # its attached tensors, decoded as it is read, take their bytes from after that end.
+    skipper = msgpack.Unpacker(_ViewReader(view), read_size=1 << 16, max_buffer_size=max(len(view), 1 << 16))
+    skipper.skip()
+    end = skipper.tell()
+    decoder = _Decoder(None, uploads, tail=view[end:])
+    document = decoder.unpack(view[:end])
+    if decoder.taken != len(view) - end:
+        raise ValidationError(f"malformed request document: {len(view) - end - decoder.taken} bytes after it "
+                              "belong to no attached tensor")
+    return document
+
+
+def decode(data: bytes | bytearray | memoryview, *, uploads: UploadStore | None = None) -> Any:
+    """Decode a request body; any malformation raises `ValidationError`, never anything else.
+
+    With `uploads`, large tensors sent are kept there and tensors sent by digest taken from it. Over
+    a writable buffer (a bytearray), large tensors are built over its memory, without a copy.
     """
     try:
-        return _Decoder(None, uploads).unpack(data)
+        return _decode_request(data, uploads)
     except ValidationError:
         raise
     except RecursionError:

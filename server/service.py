@@ -34,10 +34,12 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from farscope.interventions.codec import CHUNK_BYTES, MAX_MESSAGE_BYTES
+from farscope.interventions.codec import BULK_CHUNK_BYTES, CHUNK_BYTES, MAX_MESSAGE_BYTES
 from farscope.interventions.errors import FarscopeError, LimitError, ValidationError, status_of
+from farscope.proto import chunks
 from farscope.proto import farscope_pb2 as pb
 from farscope.proto import farscope_pb2_grpc as pb_grpc
 
@@ -252,22 +254,27 @@ class FarscopeServicer(pb_grpc.FarscopeServicer):
         TimeoutError when a message, or the whole request, is slower than the engine's StreamLimits."""
         requests = _paced(aiter(request_iterator), self.engine.stream_limits)
         first = await anext(requests, None)
-        if first is None or first.WhichOneof("part") != "header":
+        if first is None or isinstance(first, memoryview) or first.WhichOneof("part") != "header":
             raise ValidationError("an Execute call must start with a RequestHeader")
         header = first.header
         admission = self.engine.admit(user, Header(header.model, header.ir_version, header.graph_bytes,
                                                    header.client_version))
-        parts: list[bytes] = []
+        # One buffer of the announced size (admitted, so within the key's limit), each chunk copied
+        # into place as it arrives: the request's large tensors are then built over it (codec.decode).
+        # It is not zero-filled first: memory the client never sends to is never touched, so announcing
+        # a size costs nothing.
+        view = memoryview(torch.empty(header.graph_bytes, dtype=torch.uint8).numpy()).cast("B")
         size = 0
         async for message in requests:
-            if message.WhichOneof("part") != "graph_chunk":
-                raise ValidationError("after the header, an Execute call may only send graph chunks")
-            size += len(message.graph_chunk)
-            admission.check_size(size)
-            parts.append(message.graph_chunk)
+            data = message if isinstance(message, memoryview) else _graph_chunk(message)
+            end = size + len(data)
+            admission.check_size(end)
+            view[size:end] = data
+            size = end
+        body = view[:size]  # short: enqueue names the shortfall
         if size <= _INLINE_BYTES:
-            return self.engine.enqueue(admission, b"".join(parts))
-        return await self._blocking(lambda: self.engine.enqueue(admission, b"".join(parts)))
+            return self.engine.enqueue(admission, body)
+        return await self._blocking(self.engine.enqueue, admission, body)
 
     async def _watch(self, job: Job, context: Any) -> AsyncIterator[pb.ExecuteEvent]:
         async for event in self.engine.events(job):
@@ -330,13 +337,43 @@ def _event_message(job: Job, event: Event) -> pb.ExecuteEvent | None:
     return None
 
 
-def _result_messages(results: Results) -> Iterator[pb.ExecuteEvent]:
+def _graph_chunk(message: pb.ExecuteRequest) -> bytes:
+    if message.WhichOneof("part") != "graph_chunk":
+        raise ValidationError("after the header, an Execute call may only send graph chunks")
+    return message.graph_chunk
+
+
+def _result_messages(results: Results) -> Iterator[pb.ExecuteEvent | bytes]:
+    """The result header, then each blob in chunks, each serialized straight from the tensor's memory
+    (proto/chunks.py: one copy, into the message gRPC sends)."""
     blobs = [memoryview(results.document), *results.blobs]
     yield pb.ExecuteEvent(result=pb.ResultHeader(blob_sizes=[b.nbytes for b in blobs]))
     for index, blob in enumerate(blobs):
-        for offset in range(0, blob.nbytes, CHUNK_BYTES):
-            chunk = blob[offset:offset + CHUNK_BYTES].tobytes()
-            yield pb.ExecuteEvent(chunk=pb.ResultChunk(blob=index, offset=offset, data=chunk))
+        for offset in range(0, blob.nbytes, BULK_CHUNK_BYTES):
+            yield chunks.chunk_event(index, offset, blob[offset:offset + BULK_CHUNK_BYTES])
+
+
+def _add_servicer(servicer: FarscopeServicer, server: grpc.aio.Server) -> None:
+    """Register the servicer as the generated code does, except that the calls carrying bulk data
+    read graph chunks as memoryviews and send pre-serialized result chunks (proto/chunks.py; the
+    bytes on the wire are the same)."""
+    captured: dict[str, Any] = {}
+
+    class Capture:
+        def add_generic_rpc_handlers(self, handlers: Any) -> None:
+            pass
+
+        def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+            captured.update(service=service, handlers=dict(handlers))
+
+    pb_grpc.add_FarscopeServicer_to_server(servicer, Capture())
+    service, handlers = captured["service"], captured["handlers"]
+    for name in ("Execute", "Submit"):
+        handlers[name] = handlers[name]._replace(request_deserializer=chunks.request_deserializer)
+    for name in ("Execute", "Fetch"):
+        handlers[name] = handlers[name]._replace(response_serializer=chunks.serializer)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
 
 
 class Server:
@@ -427,7 +464,7 @@ async def _start_grpc(engine: Engine, blocking: ThreadPoolExecutor, address: str
                       tls: tuple[bytes, bytes] | None) -> tuple[grpc.aio.Server, Any, int]:
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
-    pb_grpc.add_FarscopeServicer_to_server(FarscopeServicer(engine, blocking), server)
+    _add_servicer(FarscopeServicer(engine, blocking), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if tls is not None:  # (certificate chain PEM, private key PEM)

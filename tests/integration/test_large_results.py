@@ -34,5 +34,5 @@ def test_a_1gib_result_arrives_whole_in_chunks(tiny_remote, tiny_local, tiny_tok
     assert big.shape == (copies, *logits.value.shape[1:])
     for i in (0, copies // 2, copies - 1):
         assert torch.equal(big.value[i], logits.value[0])
-    assert max(largest) < 2 * 2**20
-    assert len(largest) > 1024
+    assert max(largest) < 4 * 2**20  # every message under gRPC's default cap
+    assert len(largest) > 256

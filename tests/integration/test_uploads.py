@@ -65,8 +65,8 @@ def test_an_evicted_upload_is_resent_transparently(tiny_spec):
         _steer(m, b)  # evicts a on the server; the client still believes the server holds it
         calls = []
         original = m._transport._requests
-        m._transport._requests = lambda model, document, version: (calls.append(len(document))
-                                                                   or original(model, document, version))
+        m._transport._requests = lambda model, body, version: (calls.append(sum(len(piece) for piece in body))
+                                                               or original(model, body, version))
         again = _steer(m, a)
         assert torch.equal(again, reference)
         assert len(calls) == 2 and calls[0] < 4096 < calls[1]  # by digest, refused, then inline
