@@ -130,8 +130,8 @@ def upload_round(model: Any, timed: Timed, nbytes: int, seed: int) -> dict[str, 
     vec = torch.randn(nbytes // 4, generator=torch.Generator().manual_seed(seed))  # new each round: no digest hit
     with model.trace(PROMPT):
         index = (_layer0(model)[0, 0, :1] * 0).long() + 7
-        picked = vec[index].save()
-    if picked.value.item() != vec[7].item():
+        picked = torch.index_select(vec, 0, index).save()
+    if picked.value.reshape(-1)[0].item() != vec[7].item():
         raise AssertionError("upload arrived with wrong values")
     marks = timed.marks
     return {"total_s": marks["filled"] - marks["sent"] - marks["run"]}
