@@ -205,7 +205,9 @@ class Tracer:
             self._apply_edits()
         return self
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    def _end_recording(self, exc_type: Any, what: str) -> bool:
+        """Close the block: open branches end, containers keep their items, the tracer leaves the stack.
+        Whether recording ended normally (no exception) with something to `what` (run, scan)."""
         if exc_type is None:
             self.branches.close_all()
             for container in self._containers:  # what was put in them is sent back
@@ -214,9 +216,15 @@ class Tracer:
         self.is_open = False
         self._invoke = None
         if exc_type is not None:
-            return
+            return False
         if not self.segment.invokes:
-            raise TraceError("nothing to run: pass an input to model.trace(...) or use tracer.invoke(...)")
+            raise TraceError(f"nothing to {what}: pass an input to model.{'trace' if what == 'run' else what}(...) "
+                             "or use tracer.invoke(...)")
+        return True
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if not self._end_recording(exc_type, "run"):
+            return
         self._check_shapes_read()
         if self.session is not None:
             self.session.containers.extend(self._containers)
@@ -487,16 +495,8 @@ class Scan(Tracer):
         self.shapes = Shapes(self.graph, _scans_of(model))
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            for container in self._containers:
-                container.save_items()
-        tracer_stack.pop_tracer(self)
-        self.is_open = False
-        self._invoke = None
-        if exc_type is not None:
+        if not self._end_recording(exc_type, "scan"):
             return
-        if not self.segment.invokes:
-            raise TraceError("nothing to scan: pass an input to model.scan(...) or use tracer.invoke(...)")
         for proxy in self._request.saved.values():
             try:
                 proxy.set_value(self.shapes.of(proxy.node.id))

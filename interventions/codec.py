@@ -388,6 +388,12 @@ def _decode_tensor(dec: _Decoder, data: bytes) -> torch.Tensor:
     if not _is_list_of(payload, 3) or not isinstance(payload[2], bytes):
         raise ValidationError("tensor must be [dtype, shape, bytes]")
     dtype_name, shape, raw = payload
+    return _request_tensor(dec, dtype_name, shape, raw)
+
+
+def _request_tensor(dec: _Decoder, dtype_name: str, shape: list[int], raw: Any) -> torch.Tensor:
+    """A tensor a request carries, built over its bytes; a large one is kept in the upload store, so the
+    client can send it by digest next time."""
     tensor = tensor_from_bytes(dtype_name, shape, raw)
     if dec.uploads is not None and len(raw) >= UPLOAD_THRESHOLD:
         dec.uploads.put(digest(dtype_name, shape, raw), tensor)
@@ -412,11 +418,7 @@ def _decode_attached(dec: _Decoder, data: bytes) -> torch.Tensor:
         raise ValidationError(f"attached tensor of {size} bytes runs past the request's end "
                               f"({len(dec.tail) - start} bytes left)")
     dec.taken = start + size
-    raw = dec.tail[start:start + size]
-    tensor = tensor_from_bytes(dtype_name, shape, raw)
-    if dec.uploads is not None and size >= UPLOAD_THRESHOLD:
-        dec.uploads.put(digest(dtype_name, shape, raw), tensor)
-    return tensor
+    return _request_tensor(dec, dtype_name, shape, dec.tail[start:start + size])
 
 
 def _decode_uploaded(dec: _Decoder, data: bytes) -> torch.Tensor:
